@@ -1,0 +1,352 @@
+"""Typed pipeline configuration.
+
+Every stage reads its settings from one YAML file in ``conf/`` (``conf/<section>.yaml``); the files
+are validated into the pydantic models below so that a typo or a wrong type fails at start-up with the
+offending key named, instead of surfacing hours later. Any key can be overridden with
+``section.key=value`` strings (CLI ``--set``, Prefect flow parameters).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONF_DIR_ENV = "RECSYS_CONF_DIR"
+DATA_ROOT_ENV = "RECSYS_DATA_ROOT"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(Section):
+    # Root of everything the pipeline writes; relative paths are resolved against the working directory.
+    data_root: Path = Path("data")
+
+    def _under(self, name: str) -> Path:
+        return self.data_root / name
+
+    @property
+    def raw_dir(self) -> Path:
+        return self._under("raw")
+
+    @property
+    def events_dir(self) -> Path:
+        return self._under("events")
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self._under("quarantine")
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self._under("sessions")
+
+    @property
+    def split_dir(self) -> Path:
+        return self._under("split")
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self._under("checkpoints")
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self._under("mlflow")
+
+    @property
+    def prefect_home(self) -> Path:
+        return self._under("prefect")
+
+    @property
+    def exports_dir(self) -> Path:
+        return self._under("exports")
+
+
+class GenerateConfig(Section):
+    n_events: int = Field(300_000, ge=1_000)
+    n_users: int | None = Field(None, ge=10)  # None: derived from n_events (about 60 events per user)
+    n_series: int | None = Field(None, ge=1)  # None: derived from n_events
+    n_films: int | None = Field(None, ge=1)  # None: derived from n_events
+    start_date: datetime = datetime(2026, 1, 1)
+    days: int = Field(90, ge=1)
+    seed: int = 7
+    chunk_events: int = Field(2_000_000, ge=10_000)  # events held in memory at once while writing
+    format: Literal["parquet", "csv", "ndjson"] = "parquet"
+    noise_fraction: float = Field(0.002, ge=0, le=0.5)  # rows deliberately malformed, to exercise quarantine
+
+
+class ColumnMapping(Section):
+    # Names of the input columns that hold each field of the events contract.
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    ts: str = "ts"
+    watch_seconds: str | None = "watch_seconds"  # optional column; missing in the input is fine
+    event_type: str | None = "event_type"  # optional column; missing in the input is fine
+
+
+class IngestConfig(Section):
+    format: Literal["auto", "csv", "tsv", "parquet", "ndjson"] = "auto"
+    preset: (
+        Literal["movielens-100k", "movielens-dat", "movielens-csv", "yoochoose", "diginetica"] | None
+    ) = None
+    columns: ColumnMapping = ColumnMapping()
+    separator: str | None = None  # None: from the format (',' for csv, '\t' for tsv)
+    has_header: bool = True
+    ts_unit: Literal["auto", "s", "ms", "iso"] = "auto"
+    min_ts: datetime = datetime(1990, 1, 1)  # earlier timestamps are quarantined as out of range
+    max_future_days: float = Field(2.0, ge=0)  # timestamps later than now + this are out of range
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+
+
+class SessionsConfig(Section):
+    mode: Literal["gap", "user"] = "gap"
+    gap_minutes: float = Field(30.0, gt=0)
+    drop_consecutive_repeats: bool = True
+    min_item_support: int = Field(5, ge=1)
+    min_length: int = Field(2, ge=2)
+    max_length: int | None = Field(200, ge=2)  # keep only the last N events of longer sequences
+    n_buckets: int = Field(16, ge=1)  # user-hash partitions sorted independently (no global sort)
+
+
+class SplitConfig(Section):
+    protocol: Literal["temporal", "leave_one_out"] = "temporal"
+    # Temporal protocol: the test cutoff is the first of these that is set.
+    test_cutoff: datetime | None = None
+    test_days: float | None = Field(None, gt=0)
+    test_fraction: float | None = Field(0.1, gt=0, lt=1)  # of the time range
+    # The validation cutoff lies the same way before the test cutoff.
+    valid_days: float | None = Field(None, gt=0)
+    valid_fraction: float | None = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_cutoff_rule(self) -> SplitConfig:
+        if self.protocol == "temporal":
+            if self.test_cutoff is None and self.test_days is None and self.test_fraction is None:
+                raise ValueError("temporal split needs one of test_cutoff, test_days, test_fraction")
+            if self.valid_days is None and self.valid_fraction is None:
+                raise ValueError("temporal split needs one of valid_days, valid_fraction")
+        return self
+
+
+class ModelConfig(Section):
+    cell: Literal["gru", "lstm", "rnn"] = "gru"
+    hidden_size: int = Field(100, ge=1)
+    n_layers: int = Field(1, ge=1)
+    embedding: Literal["shared", "separate", "none"] = "shared"
+    embedding_dim: int = Field(0, ge=0)  # separate embedding only; 0 means hidden_size
+    dropout_embed: float = Field(0.0, ge=0, lt=1)
+    dropout_hidden: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConfig(Section):
+    loss: Literal["cross_entropy", "bpr_max"] = "cross_entropy"
+    batch_size: int = Field(64, ge=1)
+    n_sample: int = Field(2048, ge=0)
+    sample_alpha: float = Field(0.5, ge=0, le=1)
+    sample_store_batches: int = Field(10, ge=1)  # negatives drawn in bulk for this many steps at once
+    bpreg: float = Field(1.0, ge=0)
+    elu_param: float = Field(0.5, ge=0)  # BPR-max: ELU on hidden output (0 = tanh), as in the 2018 paper
+    logq: float = Field(0.0, ge=0)
+    optimizer: Literal["adagrad_momentum", "adam"] = "adagrad_momentum"
+    learning_rate: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(3, ge=1)  # early stopping on validation MRR@20
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast on CUDA only
+    compile: bool = False
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None keeps torch's default
+
+
+class EvaluateConfig(Section):
+    cutoffs: list[int] = [1, 5, 10, 20]
+    exclude_seen: bool | None = None  # None: on for whole-user sessions, off for gap sessions
+    chunk_size: int = Field(2048, ge=1)  # queries scored against the full catalogue at once
+    knn_neighbours: int = Field(200, ge=1)
+    knn_lambda: float = Field(20.0, ge=0)  # shrinkage of the cosine similarity
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else SQLite under paths.mlflow_dir
+    experiment: str = "recsys"
+    registered_model: str = "recsys-gru4rec"
+    system_metrics: bool = True
+    retries: int = Field(3, ge=0)
+    retry_backoff_seconds: float = Field(2.0, ge=0)
+
+
+class PromoteConfig(Section):
+    metric: str = "mrr@20"
+    min_improvement: float = Field(0.0, ge=0)  # relative: challenger must beat champion by this fraction
+
+
+class TuneConfig(Section):
+    n_trials: int = Field(20, ge=1)
+    timeout_minutes: float | None = Field(60.0, gt=0)
+    # Search space: key -> {type: float|int|categorical, low, high, log, choices}
+    space: dict[str, dict[str, Any]] = {}
+
+
+class ScoreConfig(Section):
+    top_k: int = Field(20, ge=1, le=1000)
+    history_days: float | None = Field(None, gt=0)  # None: the whole history
+    max_history: int = Field(50, ge=1)
+    exclude_seen: bool = True
+    exclude_items_file: Path | None = None  # one item id per line: withdrawn from the catalogue
+    user_batch_size: int = Field(4096, ge=1)
+    item_chunk_size: int = Field(50_000, ge=1)
+    write_csv: bool = False
+    write_wide: bool = False
+
+
+class OrchestrateConfig(Section):
+    ingest_cron: str = "0 2 * * *"
+    score_cron: str = "0 4 * * *"
+    train_cron: str = "0 3 * * 0"
+    timezone: str = "UTC"
+    train_concurrency: int = Field(1, ge=1)
+    io_retries: int = Field(3, ge=0)
+    io_retry_delay_seconds: float = Field(5.0, ge=0)
+
+
+class Config(Section):
+    paths: PathsConfig = PathsConfig()
+    generate: GenerateConfig = GenerateConfig()
+    ingest: IngestConfig = IngestConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    promote: PromoteConfig = PromoteConfig()
+    tune: TuneConfig = TuneConfig()
+    score: ScoreConfig = ScoreConfig()
+    orchestrate: OrchestrateConfig = OrchestrateConfig()
+
+
+SECTIONS: tuple[str, ...] = tuple(Config.model_fields)
+
+
+def default_conf_dir() -> Path:
+    """``$RECSYS_CONF_DIR`` if set, else ``./conf`` if present, else the repository's ``conf/``."""
+    if env := os.environ.get(CONF_DIR_ENV):
+        return Path(env)
+    local = Path.cwd() / "conf"
+    if local.is_dir():
+        return local
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else
+                     f"{key}: {msg}")
+    return f"invalid configuration ({where}):\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'ingest.columns.user_id=uid'`` -> (['ingest', 'columns', 'user_id'], 'uid'); value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(f"override {text!r}: key must name a section and a field, e.g. train.epochs=5")
+    if path[0] not in SECTIONS:
+        raise ConfigError(f"{key.strip()}: unknown section {path[0]!r} (known: {', '.join(SECTIONS)})")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return path, value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(
+    conf_dir: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Load ``conf/<section>.yaml`` files, apply nested ``values`` then ``overrides``, validate.
+
+    A missing section file means that section's defaults. ``RECSYS_DATA_ROOT`` overrides
+    ``paths.data_root`` (useful for tests and containers) before explicit overrides apply.
+    """
+    conf_dir = Path(conf_dir) if conf_dir is not None else default_conf_dir()
+    tree: dict[str, Any] = {}
+    if conf_dir.is_dir():
+        for file in sorted(conf_dir.glob("*.yaml")):
+            section = file.stem
+            if section not in SECTIONS:
+                raise ConfigError(f"{file}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+            try:
+                content = yaml.safe_load(file.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+            if not isinstance(content, dict):
+                raise ConfigError(f"{file}: must hold a mapping of keys for section {section!r}")
+            tree[section] = content
+    elif conf_dir is not None and str(conf_dir) and not conf_dir.exists():
+        raise ConfigError(f"config directory {conf_dir} does not exist")
+    if env_root := os.environ.get(DATA_ROOT_ENV):
+        _set_path(tree, ["paths", "data_root"], env_root)
+    for section, content in (values or {}).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(SECTIONS)})")
+        if not isinstance(content, dict):
+            raise ConfigError(f"{section}: must be a mapping of keys")
+        for key, value in _flatten(content).items():
+            _set_path(tree, [section, *key.split(".")], value)
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_path(tree, path, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(conf_dir))) from None
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def flatten_config(config: Config) -> dict[str, str]:
+    """``{'train.batch_size': '64', ...}``: the form MLflow params and Prefect artifacts take."""
+    return {k: str(v) for k, v in _flatten(config.model_dump(mode="json")).items()}
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved configuration as YAML, every section, for artifacts and manifests."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data stages: ingest -> sessions -> split, plus the synthetic log generator."""

@@ -1,0 +1,99 @@
+"""Split files as flat index arrays: the one form that training, evaluation and scoring consume.
+
+A split file (``train``/``valid``/``test.parquet``) holds one row per sequence with an ``items`` list and
+``n_context``; here its items become vocabulary indices in one flat array with offsets, so batching and
+ranking are vectorised and never loop over events in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recsys.data.vocab import Vocab
+from recsys.schemas import ITEMS, N_CONTEXT, USER_ID
+
+
+@dataclass
+class SequenceSet:
+    """Sequences of item indices.
+
+    ``items[offsets[s]:offsets[s+1]]`` is sequence ``s`` (all indices valid, >= 0). Positions
+    ``p >= max(n_context[s], 1)`` are next-item targets predicted from the items before ``p``.
+    Items unknown to the vocabulary were removed when loading and are counted in ``dropped``.
+    """
+
+    items: np.ndarray  # [N] int64 item indices
+    offsets: np.ndarray  # [S+1] int64, offsets[0] == 0, offsets[-1] == N
+    n_context: np.ndarray  # [S] int64 leading history-only positions
+    user_ids: pl.Series  # [S] original user id of each sequence
+    dropped: dict[str, int] = field(default_factory=dict)  # what was removed on load, by reason
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def queries(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every target, in canonical order: (sequence index [Q], position within the sequence [Q]).
+
+        Ordered by sequence, then position. The flat index of a query's target is
+        ``offsets[seq] + pos``; its history is ``items[offsets[seq] : offsets[seq] + pos]``.
+        """
+        lengths = self.lengths
+        first = np.maximum(self.n_context, 1)
+        counts = np.clip(lengths - first, 0, None)
+        seq = np.repeat(np.arange(self.n_sequences, dtype=np.int64), counts)
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        pos = np.arange(len(seq), dtype=np.int64) - starts + np.repeat(first, counts)
+        return seq, pos
+
+    def targets(self) -> np.ndarray:
+        """Item index of every query's target, canonical order [Q]."""
+        seq, pos = self.queries()
+        return self.items[self.offsets[seq] + pos]
+
+
+def load_sequences(path: Path, vocab: Vocab) -> SequenceSet:
+    """Read a split file and map its items to vocabulary indices.
+
+    Unknown items (not in the training vocabulary) are removed from the sequence: an unknown target
+    cannot be ranked (counted as ``unseen_target``), an unknown history item cannot be fed
+    (``unseen_context``). A target left without any history is counted as ``no_history``.
+    """
+    frame = pl.read_parquet(path, columns=[USER_ID, ITEMS, N_CONTEXT])
+    lengths = frame[ITEMS].list.len().cast(pl.Int64).to_numpy()
+    flat_ids = frame[ITEMS].explode()
+    idx = vocab.index_of(flat_ids)
+    n_context = frame[N_CONTEXT].cast(pl.Int64).to_numpy()
+
+    seq_of = np.repeat(np.arange(frame.height), lengths)
+    pos_in_seq = np.arange(len(idx)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    is_context = pos_in_seq < np.repeat(n_context, lengths)
+    known = idx >= 0
+
+    dropped = {
+        "unseen_target": int(np.sum(~known & ~is_context & (pos_in_seq > 0))),
+        "unseen_context": int(np.sum(~known & is_context)),
+    }
+    new_lengths = np.bincount(seq_of[known], minlength=frame.height).astype(np.int64)
+    new_context = np.bincount(seq_of[known & is_context], minlength=frame.height).astype(np.int64)
+    # A sequence whose history vanished: its first known item cannot be predicted.
+    orphan = (new_context == 0) & (new_lengths > 0) & (n_context > 0)
+    dropped["no_history"] = int(orphan.sum())
+
+    offsets = np.zeros(frame.height + 1, dtype=np.int64)
+    np.cumsum(new_lengths, out=offsets[1:])
+    return SequenceSet(
+        items=idx[known].astype(np.int64),
+        offsets=offsets,
+        n_context=new_context,
+        user_ids=frame[USER_ID],
+        dropped=dropped,
+    )
