@@ -1,0 +1,47 @@
+import numpy as np
+import polars as pl
+
+from recsys.data.sequences import load_sequences
+from recsys.data.vocab import Vocab
+
+
+def _write_split(path, rows):
+    pl.DataFrame(rows, schema={"user_id": pl.String, "items": pl.List(pl.Int64), "n_context": pl.Int32}).write_parquet(path)
+
+
+def test_vocab_orders_by_count_and_maps_unknown_to_minus_one(tmp_path):
+    vocab = Vocab.from_items(pl.Series([5, 7, 7, 9, 9, 9]))
+    assert vocab.item_ids.to_list() == [9, 7, 5]
+    assert vocab.counts.tolist() == [3, 2, 1]
+    assert vocab.index_of(pl.Series([7, 42, 9])).tolist() == [1, -1, 0]
+    vocab.save(tmp_path / "v.parquet")
+    assert Vocab.load(tmp_path / "v.parquet").frame.equals(vocab.frame)
+
+
+def test_queries_follow_n_context(tmp_path):
+    vocab = Vocab.from_items(pl.Series([1, 2, 3, 4]))
+    _write_split(tmp_path / "s.parquet", [
+        {"user_id": "a", "items": [1, 2, 3], "n_context": 0},   # targets at positions 1, 2
+        {"user_id": "b", "items": [4, 3, 2, 1], "n_context": 3},  # target at position 3 only
+    ])
+    seqs = load_sequences(tmp_path / "s.parquet", vocab)
+    seq, pos = seqs.queries()
+    assert seq.tolist() == [0, 0, 1]
+    assert pos.tolist() == [1, 2, 3]
+    assert vocab.item_ids.gather(seqs.targets()).to_list() == [2, 3, 1]
+    assert seqs.dropped == {"unseen_target": 0, "unseen_context": 0, "no_history": 0}
+
+
+def test_unknown_items_are_removed_and_counted(tmp_path):
+    vocab = Vocab.from_items(pl.Series([1, 2, 3]))
+    _write_split(tmp_path / "s.parquet", [
+        {"user_id": "a", "items": [1, 99, 2, 98], "n_context": 2},  # 99 unseen context, 98 unseen target
+        {"user_id": "b", "items": [97, 3, 1], "n_context": 1},  # history vanished: 3 cannot be predicted
+    ])
+    seqs = load_sequences(tmp_path / "s.parquet", vocab)
+    assert seqs.dropped == {"unseen_target": 1, "unseen_context": 2, "no_history": 1}
+    assert seqs.offsets.tolist() == [0, 2, 4]
+    assert seqs.n_context.tolist() == [1, 0]
+    seq, pos = seqs.queries()
+    assert seq.tolist() == [0, 1] and pos.tolist() == [1, 1]
+    assert np.array_equal(vocab.item_ids.gather(seqs.targets()).to_numpy(), [2, 1])
