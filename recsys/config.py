@@ -85,6 +85,14 @@ class GenerateConfig(Section):
     chunk_events: int = Field(2_000_000, ge=10_000)  # events held in memory at once while writing
     format: Literal["parquet", "csv", "ndjson"] = "parquet"
     noise_fraction: float = Field(0.002, ge=0, le=0.5)  # rows deliberately malformed, to exercise quarantine
+    events_per_user: float = Field(60.0, ge=2)  # mean events per user when n_users is derived
+    activity_sigma: float = Field(1.0, ge=0, le=3)  # log-normal spread of user activity (heavy tail)
+    popularity_exponent: float = Field(1.0, ge=0, le=3)  # Zipf exponent of title popularity
+    series_share: float = Field(0.75, ge=0, le=1)  # fraction of events that are series episodes
+    binge_mean_episodes: float = Field(3.5, ge=1)  # mean consecutive episodes per sitting
+    partial_fraction: float = Field(0.12, ge=0, le=1)  # watches abandoned before the end
+    rewatch_fraction: float = Field(0.03, ge=0, le=1)  # film watches that repeat one already seen
+    new_release_fraction: float = Field(0.1, ge=0, le=1)  # titles released during the period
 
 
 class ColumnMapping(Section):
