@@ -45,7 +45,88 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 # --- data stages -----------------------------------------------------------------------------------
 
+@app.command()
+def generate(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output directory (default: <data_root>/raw/synthetic).")
+    ] = None,
+    conf: ConfOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Write synthetic streaming-service viewing logs: the demo data and the benchmark data."""
+    from rich.table import Table
+
+    from recsys.data.synthetic import generate as generate_logs
+
+    config = load_cli_config(conf, set_)
+    with console.status("generating viewing logs..."):
+        result = generate_logs(config, out)
+    table = Table(title=f"synthetic viewing logs -> {result['out_dir']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    rows = [
+        ("events", f"{result['events']:,}"),
+        ("users", f"{result['users']:,}"),
+        ("titles", f"{result['items']:,} ({result['series']:,} series, {result['episodes']:,} episodes, "
+                   f"{result['films']:,} films)"),
+        ("malformed rows", f"{result['noise_rows']:,} "
+                           + ", ".join(f"{k} {v}" for k, v in result["noise"].items() if v)),
+        ("files", f"{len(result['files'])} x {result['format']} + catalogue.parquet"),
+        ("time", f"{result['seconds']:.1f} s ({result['events_per_second']:,} events/s)"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
 # --- model stages ----------------------------------------------------------------------------------
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="GRU4Rec checkpoint; omit for the baselines only.")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="valid or test.")] = "test",
+    split_dir: Annotated[Path | None, typer.Option("--split-dir", help="Default: <data_root>/split.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, auto (train.device).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write every metric here.")] = None,
+    conf: ConfOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Rank the full catalogue for every target of a split: GRU4Rec vs item-kNN and most-popular."""
+    import json
+
+    import torch
+
+    from recsys.eval_table import metrics_table
+    from recsys.evaluate import evaluate_all, resolve_exclude_seen
+
+    config = load_cli_config(conf, set_)
+    if split not in ("valid", "test"):
+        raise fail(f"--split must be valid or test, got {split!r}", 2)
+    dev = device or config.train.device
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
+    recommenders, vocab = {}, None
+    if checkpoint is not None:
+        from recsys.model.checkpoint import build_model, load_checkpoint
+        from recsys.model.recommender import GRU4RecRecommender
+
+        if not checkpoint.is_file():
+            raise fail(f"checkpoint {checkpoint} does not exist")
+        ckpt = load_checkpoint(checkpoint)
+        vocab = ckpt.vocab
+        recommenders["gru4rec"] = GRU4RecRecommender(build_model(ckpt, dev), dev)
+    try:
+        rows = evaluate_all(config, split_dir, recommenders, split=split, vocab=vocab, device=dev)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    exclude_seen = resolve_exclude_seen(config)
+    console.print(metrics_table(rows, config.evaluate.cutoffs, split, exclude_seen))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        report = {"split": split, "checkpoint": str(checkpoint) if checkpoint else None,
+                  "exclude_seen": exclude_seen, "rows": rows}
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"metrics written to {json_out}")
 
 # --- tracking and registry -------------------------------------------------------------------------
 
