@@ -215,8 +215,11 @@ class ScoreConfig(Section):
     max_history: int = Field(50, ge=1)
     exclude_seen: bool = True
     exclude_items_file: Path | None = None  # one item id per line: withdrawn from the catalogue
-    user_batch_size: int = Field(4096, ge=1)
-    item_chunk_size: int = Field(50_000, ge=1)
+    user_batch_size: int = Field(4096, ge=1)  # histories encoded at once (length-sorted, padded)
+    # Scores held at once (users x catalogue). None: 2.5M on CPU (fits the L3 cache, fastest there),
+    # 256M on CUDA. Bounds scoring memory whatever the catalogue size.
+    chunk_elements: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     write_csv: bool = False
     write_wide: bool = False
 
