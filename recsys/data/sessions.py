@@ -33,6 +33,7 @@ import polars as pl
 
 from recsys.config import Config, SessionsConfig
 from recsys.data.atomic_dir import fresh_tmp_dir, swap_into_place
+from recsys.data.stats import find_ingest_report
 from recsys.schemas import END_TS, ITEM_ID, ITEM_TS, ITEMS, SESSION_ID, START_TS, TS, TS_DTYPE, USER_ID
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def build_sessions(
             "items": int(pl.concat(out_items).n_unique()) if out_items else 0,
             "length": length_summary(all_lengths),
             "n_buckets": cfg.n_buckets,
+            "ingest": find_ingest_report(events_dir),
         }
         elapsed = time.perf_counter() - started
         stats["seconds"] = round(elapsed, 3)
