@@ -78,6 +78,92 @@ def generate(
         table.add_row(name, value)
     console.print(table)
 
+def _print_data_stats(stats: dict, where: Path) -> None:
+    from recsys.data.stats import print_stats
+
+    print_stats(stats, console)
+    console.print(f"stats saved to {where}")
+
+
+@app.command()
+def sessions(
+    events: Annotated[
+        Path | None, typer.Option("--events", help="Events directory (default: <data_root>/events).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Sessions directory (default: <data_root>/sessions).")
+    ] = None,
+    conf: ConfOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Cut events into sequences (inactivity gap or whole-user history) and filter them."""
+    from recsys.data.sessions import SESSIONS_STATS_FILE, build_sessions
+    from recsys.data.stats import data_table
+
+    config = load_cli_config(conf, set_)
+    out = out or config.paths.sessions_dir
+    try:
+        with console.status("building sessions..."):
+            stats = build_sessions(config, events, out)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    console.print(data_table({"sessions_stage": stats, "ingest": stats.get("ingest")}))
+    console.print(f"{stats['sessions']:,} sequences -> {out} ({stats['seconds']:.1f} s, "
+                  f"{stats['events_per_second']:,} events/s); stats in {out / SESSIONS_STATS_FILE}")
+
+
+@app.command()
+def split(
+    sessions_dir: Annotated[
+        Path | None, typer.Option("--sessions", help="Sessions directory (default: <data_root>/sessions).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Split directory (default: <data_root>/split).")
+    ] = None,
+    conf: ConfOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Split sequences into train / valid / test (temporal or leave-one-out) and build the vocabulary."""
+    from recsys.data.split import split_sessions
+    from recsys.schemas import STATS_FILE
+
+    config = load_cli_config(conf, set_)
+    out = out or config.paths.split_dir
+    try:
+        with console.status("splitting..."):
+            stats = split_sessions(config, sessions_dir, out)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    _print_data_stats(stats, out / STATS_FILE)
+
+
+@app.command()
+def prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="Viewing-log files or directories to ingest.")],
+    conf: ConfOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Ingest -> sessions -> split in one go, into <data_root> (set it with --set paths.data_root=...)."""
+    from recsys.data.ingest import ingest_files
+    from recsys.data.sessions import build_sessions
+    from recsys.data.split import split_sessions
+    from recsys.schemas import STATS_FILE
+
+    config = load_cli_config(conf, set_)
+    try:
+        with console.status("ingesting..."):
+            report = ingest_files(list(inputs), config)
+        with console.status("building sessions..."):
+            build_sessions(config)
+        with console.status("splitting..."):
+            stats = split_sessions(config)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if not stats.get("ingest"):
+        stats["ingest"] = report.to_dict()
+    _print_data_stats(stats, config.paths.split_dir / STATS_FILE)
+
+
 # --- model stages ----------------------------------------------------------------------------------
 
 @app.command()
