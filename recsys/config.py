@@ -102,6 +102,7 @@ class ColumnMapping(Section):
     ts: str = "ts"
     watch_seconds: str | None = "watch_seconds"  # optional column; missing in the input is fine
     event_type: str | None = "event_type"  # optional column; missing in the input is fine
+    ts_offset_ms: str | None = None  # optional column of milliseconds added to ts (DIGINETICA timeframe)
 
 
 class IngestConfig(Section):
@@ -116,6 +117,11 @@ class IngestConfig(Section):
     min_ts: datetime = datetime(1990, 1, 1)  # earlier timestamps are quarantined as out of range
     max_future_days: float = Field(2.0, ge=0)  # timestamps later than now + this are out of range
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    timezone: str = "UTC"  # zone of timestamps written without one (IANA name); output is always UTC
+    user_id_type: Literal["auto", "int", "str"] = "auto"  # auto: int when ~all ids are integers
+    item_id_type: Literal["auto", "int", "str"] = "auto"
+    partition_mode: Literal["replace", "merge"] = "replace"  # what a new input does to a date it covers
+    staging_buckets: int = Field(64, ge=1)  # date buckets staged on disk: bounds memory per step
 
 
 class SessionsConfig(Section):

@@ -1,0 +1,300 @@
+"""Ingest: raw viewing logs -> validated, de-duplicated events, hive-partitioned by event date.
+
+Steps (each reads only the previous one's output, so memory stays bounded by one date bucket):
+
+1. open every input (``readers``): file-level problems (missing file or column, unreadable, empty)
+   raise :class:`IngestError` before anything is written;
+2. parse and validate each file in the streaming engine (``validate``) and stage the rows on disk,
+   split into ``ingest.staging_buckets`` buckets by event date (bad rows in their own bucket);
+3. write each input's rejected rows to ``quarantine/`` and stop with an error if the bad fraction is
+   above ``ingest.max_bad_fraction`` (events are then left untouched);
+4. per event date: drop duplicates (same user, item, ts: the first in input order is kept), sort by
+   (user_id, ts, item_id) and atomically replace ``events/event_date=YYYY-MM-DD/part-0.parquet``.
+
+Partition policy: with ``partition_mode: replace`` (default) the rows of this run *become* the content
+of every date they cover, and dates they do not cover are untouched: re-ingesting a corrected daily file
+fixes that day. With ``merge`` they are unioned with what the partition already holds (for late events
+arriving in a later file); rows equal to stored events count as duplicates. Each partition is replaced
+atomically; a run killed midway leaves every partition either old or new, and re-running finishes it.
+
+Conservation: every input data row is counted exactly once as an event written, a duplicate, or a
+quarantined row (blank lines are not rows; they are counted separately).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from recsys.config import Config
+from recsys.data import partitions
+from recsys.data.errors import IngestError
+from recsys.data.quarantine import write_quarantine
+from recsys.data.readers import RawInput, scan_input
+from recsys.data.validate import (
+    BUCKET_BAD,
+    BUCKET_BLANK,
+    SAMPLE_ROWS,
+    ParsePlan,
+    choose_id_type,
+    choose_ts_mode,
+    normalise,
+    public_reason,
+    time_bounds,
+)
+from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, USER_ID, WATCH_SECONDS
+
+__all__ = ["IngestError", "IngestReport", "FileReport", "ingest_files", "REPORT_FILE"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "ingest_report.json"
+EVENT_COLUMNS = (USER_ID, ITEM_ID, TS, WATCH_SECONDS, EVENT_TYPE)
+_ORDER = [USER_ID, TS, ITEM_ID, "_file", "_row"]
+
+
+@dataclass
+class FileReport:
+    """What happened to one input."""
+
+    source: str
+    kind: str
+    preset: str | None
+    ts_mode: str
+    rows: int = 0
+    blank_lines: int = 0
+    events_written: int = 0
+    duplicates: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    quarantine_file: str | None = None
+
+
+@dataclass
+class IngestReport:
+    """Counts of one ingest run; ``rows_in == events_written + duplicates + sum(quarantined)``."""
+
+    rows_in: int
+    events_written: int
+    duplicates: int
+    quarantined: dict[str, int]
+    partitions: list[str]
+    bad_fraction: float
+    files: list[FileReport]
+    events_dir: str
+    quarantine_dir: str
+    partition_mode: str
+    user_id_type: str
+    item_id_type: str
+    status: str = "ok"
+    seconds: float = 0.0
+
+    @property
+    def n_quarantined(self) -> int:
+        return sum(self.quarantined.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        """Write as JSON atomically (temp file + rename)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
+
+
+def _sample(raw: RawInput) -> pl.DataFrame:
+    try:
+        return raw.frame.head(SAMPLE_ROWS).collect()
+    except Exception as exc:
+        raise IngestError(f"{raw.path}: cannot read the file: {exc}") from exc
+
+
+def _type_name(dtype: pl.DataType) -> str:
+    return "int" if dtype.is_integer() else "str"
+
+
+def _plans(raws: list[RawInput], config: Config, now: datetime | None) -> list[ParsePlan]:
+    cfg = config.ingest
+    samples = [_sample(r) for r in raws]
+    existing = partitions.existing_schema(config.paths.events_dir) or {}
+    user_type = choose_id_type(cfg.user_id_type, [s[USER_ID] for s in samples], existing.get(USER_ID))
+    item_type = choose_id_type(cfg.item_id_type, [s[ITEM_ID] for s in samples], existing.get(ITEM_ID))
+    min_us, max_us = time_bounds(cfg, now)
+    return [
+        ParsePlan(user_type, item_type, choose_ts_mode(s[TS], r.spec.ts_unit), r.spec.ts_unit,
+                  cfg.timezone, min_us, max_us)
+        for r, s in zip(raws, samples, strict=True)
+    ]
+
+
+def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: Path) -> None:
+    """Parse + validate every file in the streaming engine; write rows bucketed by date to ``stage``."""
+    for i, (raw, plan) in enumerate(zip(raws, plans, strict=True)):
+        lf = normalise(raw, plan, i, config.ingest.staging_buckets)
+        out = stage / f"f{i}"
+        try:
+            lf.sink_parquet(pl.PartitionBy(out, key="_bucket", include_key=True), mkdir=True)
+        except Exception as exc:
+            raise IngestError(f"{raw.path}: failed while reading: {exc}") from exc
+        logger.info("staged %s", raw.path)
+
+
+def _scan_bucket(stage: Path, bucket: int, file_index: int | None = None) -> pl.LazyFrame | None:
+    pattern = f"f{'*' if file_index is None else file_index}/_bucket={bucket}/*.parquet"
+    files = sorted(stage.glob(pattern))
+    if not files:
+        return None
+    return pl.scan_parquet(files, hive_partitioning=False)
+
+
+def _file_stats(stage: Path) -> pl.DataFrame:
+    """Per file: data rows (blank lines excluded), blank lines, last data row number."""
+    files = sorted(stage.glob("f*/_bucket=*/*.parquet"))
+    not_blank = pl.col("_bucket") != BUCKET_BLANK
+    return (
+        pl.scan_parquet(files, hive_partitioning=False)
+        .group_by("_file")
+        .agg(
+            rows=not_blank.sum().cast(pl.Int64),
+            blanks=(~not_blank).sum().cast(pl.Int64),
+            last_row=pl.col("_row").filter(not_blank).max(),
+        )
+        .collect()
+    )
+
+
+def _write_quarantines(
+    stage: Path, raws: list[RawInput], reports: list[FileReport], last_rows: dict[int, int],
+    config: Config, work: Path,
+) -> None:
+    for i, (raw, rep) in enumerate(zip(raws, reports, strict=True)):
+        lf = _scan_bucket(stage, BUCKET_BAD, i)
+        rows = pl.DataFrame(schema={"source": pl.String, "row": pl.Int64, "reason": pl.String,
+                                    "raw": pl.String})
+        if lf is not None:
+            last = last_rows.get(i, -1)
+            rows = lf.select(
+                pl.lit(str(raw.path)).alias("source"),
+                pl.col("_row").alias("row"),
+                public_reason(pl.col("_reason"), pl.col("_row") == last).alias("reason"),
+                pl.col("_raw").alias("raw"),
+            ).collect()
+        counts = rows.group_by("reason").len().sort("reason")
+        rep.quarantined = {r: int(n) for r, n in counts.iter_rows()}
+        dest = write_quarantine(rows, config.paths.quarantine_dir, raw.path, work)
+        rep.quarantine_file = None if dest is None else str(dest)
+
+
+def _dedup_day(part: pl.DataFrame, existing: pl.DataFrame | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(events of the day sorted by user, ts, item; the rows of this run that were duplicates)."""
+    if existing is not None:
+        old = existing.select(EVENT_COLUMNS).with_columns(
+            pl.lit(-1, dtype=pl.Int32).alias("_file"), pl.int_range(pl.len(), dtype=pl.Int64).alias("_row")
+        )
+        part = pl.concat([old, part.select(*EVENT_COLUMNS, "_file", "_row")], how="vertical_relaxed")
+    part = part.sort(_ORDER)
+    first = pl.struct(USER_ID, ITEM_ID, TS).is_first_distinct()
+    part = part.with_columns(first.alias("_first"))
+    dups = part.filter(~pl.col("_first") & (pl.col("_file") >= 0))
+    return part.filter(pl.col("_first")), dups
+
+
+def _write_events(
+    stage: Path, reports: list[FileReport], config: Config, work: Path
+) -> list[str]:
+    events_dir = config.paths.events_dir
+    merge = config.ingest.partition_mode == "merge"
+    written: list[str] = []
+    for bucket in range(config.ingest.staging_buckets):
+        lf = _scan_bucket(stage, bucket)
+        if lf is None:
+            continue
+        frame = lf.collect().with_columns(pl.col(TS).dt.date().alias("_day"))
+        for (day,), part in sorted(frame.partition_by("_day", as_dict=True).items()):
+            name = day.isoformat()
+            existing = partitions.read_partition(events_dir, name)
+            kept, dups = _dedup_day(part, existing if merge else None)
+            for i, n in dups.group_by("_file").len().iter_rows():
+                reports[i].duplicates += int(n)
+            for i, n in kept.filter(pl.col("_file") >= 0).group_by("_file").len().iter_rows():
+                reports[i].events_written += int(n)
+            if existing is not None and not merge:
+                logger.info("replacing %s: %d stored events -> %d", name, existing.height, kept.height)
+            partitions.replace_partition(kept.select(EVENT_COLUMNS), events_dir, name, work)
+            written.append(f"event_date={name}")
+    return sorted(written)
+
+
+def _report(reports: list[FileReport], parts: list[str], plans: list[ParsePlan], config: Config,
+            status: str, started: float) -> IngestReport:
+    quarantined: dict[str, int] = {}
+    for rep in reports:
+        for reason, n in rep.quarantined.items():
+            quarantined[reason] = quarantined.get(reason, 0) + n
+    rows_in = sum(r.rows for r in reports)
+    bad = sum(quarantined.values())
+    return IngestReport(
+        rows_in=rows_in,
+        events_written=sum(r.events_written for r in reports),
+        duplicates=sum(r.duplicates for r in reports),
+        quarantined=dict(sorted(quarantined.items())),
+        partitions=parts,
+        bad_fraction=bad / rows_in if rows_in else 0.0,
+        files=reports,
+        events_dir=str(config.paths.events_dir),
+        quarantine_dir=str(config.paths.quarantine_dir),
+        partition_mode=config.ingest.partition_mode,
+        user_id_type=_type_name(plans[0].user_type),
+        item_id_type=_type_name(plans[0].item_type),
+        status=status,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = None) -> IngestReport:
+    """Ingest ``inputs`` into ``config.paths.events_dir``; bad rows go to ``quarantine_dir``.
+
+    ``now`` fixes the upper time bound (``max_future_days``) for reproducible tests.
+    Raises :class:`IngestError` for file-level problems and when the bad fraction is too high (after
+    writing the quarantine, without touching events; ``err.report`` then holds the counts).
+    """
+    started = time.perf_counter()
+    if not inputs:
+        raise IngestError("no input files given")
+    raws = [scan_input(Path(p), config.ingest) for p in inputs]
+    plans = _plans(raws, config, now)
+    reports = [FileReport(str(r.path), r.spec.kind, r.spec.preset, p.ts_mode) for r, p in zip(raws, plans)]
+    events_dir = config.paths.events_dir
+    with partitions.ingest_workspace(config.paths.data_root, events_dir) as work:
+        stage = work / "stage"
+        _stage(raws, plans, config, stage)
+        stats = {int(f): (int(r), int(b), lr) for f, r, b, lr in _file_stats(stage).iter_rows()}
+        for i, rep in enumerate(reports):
+            rep.rows, rep.blank_lines, _ = stats.get(i, (0, 0, None))
+            if rep.rows == 0:
+                raise IngestError(f"{rep.source}: empty input: no data rows")
+        last_rows = {i: s[2] for i, s in stats.items() if s[2] is not None}
+        _write_quarantines(stage, raws, reports, last_rows, config, work)
+        report = _report(reports, [], plans, config, "failed", started)
+        limit = config.ingest.max_bad_fraction
+        if report.bad_fraction > limit:
+            raise IngestError(
+                f"{report.n_quarantined} of {report.rows_in} rows ({report.bad_fraction:.2%}) are bad, "
+                f"more than ingest.max_bad_fraction={limit:.2%}; events were not changed. Reasons: "
+                f"{report.quarantined}; rejected rows are in {config.paths.quarantine_dir}",
+                report,
+            )
+        parts = _write_events(stage, reports, config, work)
+    report = _report(reports, parts, plans, config, "ok", started)
+    report.save(events_dir.parent / REPORT_FILE)
+    logger.info("ingested %d rows: %d events, %d duplicates, %d quarantined, %d partitions",
+                report.rows_in, report.events_written, report.duplicates, report.n_quarantined,
+                len(parts))
+    return report

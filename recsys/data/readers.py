@@ -1,0 +1,294 @@
+"""Input readers: file formats, presets for public datasets, and the raw-field frame they all produce.
+
+Every reader returns a lazy frame with the same shape so that validation has one code path:
+
+- ``_row``   1-based data row in its file (for text: line number minus header lines; blank lines keep
+             their numbers, so ``row`` always points at the same line a text editor shows, minus header)
+- ``_raw``   the row's original text (the line; for Parquet the mapped columns as JSON)
+- ``_shape`` a structural problem found before any field is looked at (wrong field count, bad JSON,
+             blank line) or null
+- one column per event field present in the input (``user_id``, ``item_id``, ``ts``, optional
+  ``ts_offset_ms``, ``watch_seconds``, ``event_type``), still in the input's own type (text: strings).
+
+Text (CSV/TSV/``::``) and NDJSON are read as *lines* and split with polars string expressions, never
+with a strict CSV parser: a malformed line then becomes one quarantined row instead of a failed run,
+and its text is kept verbatim. Trade-off: a separator inside a quoted field is not supported (such a
+line has the wrong field count and is quarantined, not lost); quotes around whole fields are removed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from recsys.config import IngestConfig
+from recsys.data.errors import IngestError
+from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, USER_ID, WATCH_SECONDS
+
+TS_OFFSET_MS = "ts_offset_ms"  # optional milliseconds added to ts (DIGINETICA's timeframe)
+REQUIRED_FIELDS = (USER_ID, ITEM_ID, TS)
+OPTIONAL_FIELDS = (WATCH_SECONDS, EVENT_TYPE)
+# Internal structural markers; turned into public quarantine reasons in validate.py.
+SHAPE_BLANK = "__blank__"
+SHAPE_SHORT = "__short__"  # too few fields: "truncated_last_line" on the last row, else wrong count
+SHAPE_LONG = "wrong_field_count"
+SHAPE_BAD_JSON = "__bad_json__"  # "truncated_last_line" on the last row, else "malformed_json"
+SAMPLE_LINES = 1000
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A public dataset's file layout: how to split it and which column holds which field."""
+
+    name: str
+    separator: str
+    has_header: bool
+    field_names: tuple[str, ...]  # the columns, in file order (checked against the header if any)
+    columns: dict[str, str]  # event field -> input column
+    ts_unit: str
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("movielens-100k", "\t", False, ("user_id", "item_id", "rating", "timestamp"),
+               {USER_ID: "user_id", ITEM_ID: "item_id", TS: "timestamp"}, "s",
+               "MovieLens 100K u.data: tab-separated, no header, unix seconds"),
+        Preset("movielens-dat", "::", False, ("UserID", "MovieID", "Rating", "Timestamp"),
+               {USER_ID: "UserID", ITEM_ID: "MovieID", TS: "Timestamp"}, "s",
+               "MovieLens 1M/10M ratings.dat: '::'-separated, no header, unix seconds"),
+        Preset("movielens-csv", ",", True, ("userId", "movieId", "rating", "timestamp"),
+               {USER_ID: "userId", ITEM_ID: "movieId", TS: "timestamp"}, "s",
+               "MovieLens ratings.csv (ml-latest, 20M, 25M, 32M): header userId,movieId,rating,timestamp"),
+        Preset("yoochoose", ",", False, ("session_id", "timestamp", "item_id", "category"),
+               {USER_ID: "session_id", ITEM_ID: "item_id", TS: "timestamp"}, "iso",
+               "YOOCHOOSE clicks.dat: session,ISO-8601 time,item,category; no header; session = user"),
+        Preset("diginetica", ";", True, ("sessionId", "userId", "itemId", "timeframe", "eventdate"),
+               {USER_ID: "sessionId", ITEM_ID: "itemId", TS: "eventdate", TS_OFFSET_MS: "timeframe"},
+               "iso", "DIGINETICA train-item-views.csv: ';'-separated; ts = eventdate + timeframe ms; "
+               "session = user"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """How one input file is read, resolved from config, preset and file name."""
+
+    kind: str  # "text" | "parquet" | "ndjson"
+    separator: str = ","
+    has_header: bool = True
+    field_names: tuple[str, ...] = ()  # headerless text: names of the positional columns
+    columns: dict[str, str] = field(default_factory=dict)  # event field -> input column (required ones)
+    optional_columns: dict[str, str] = field(default_factory=dict)  # used when present in the input
+    ts_unit: str = "auto"
+    preset: str | None = None
+
+
+@dataclass
+class RawInput:
+    """A scanned input: the raw-field frame plus what was learnt about the file while opening it."""
+
+    path: Path
+    spec: ReadSpec
+    frame: pl.LazyFrame
+    fields: list[str]  # event fields present as columns of ``frame``
+
+
+def _strip_compression(name: str) -> str:
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def detect_kind(path: Path, config: IngestConfig) -> tuple[str, str | None]:
+    """(kind, separator) from ``ingest.format``, else from the file name; directories are Parquet."""
+    fmt = config.format
+    if fmt == "auto":
+        if path.is_dir():
+            return "parquet", None
+        ext = Path(_strip_compression(path.name)).suffix.lower()
+        by_ext = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
+                  ".ndjson": "ndjson", ".jsonl": "ndjson", ".json": "ndjson"}
+        fmt = by_ext.get(ext, "text?")
+    if fmt == "csv":
+        return "text", config.separator or ","
+    if fmt == "tsv":
+        return "text", config.separator or "\t"
+    if fmt == "text?":
+        if config.separator is None:
+            raise IngestError(
+                f"{path}: cannot tell the format from the file name; set ingest.format "
+                "(csv|tsv|parquet|ndjson), ingest.separator, or a preset (--preset)"
+            )
+        return "text", config.separator
+    return fmt, None
+
+
+def resolve_spec(path: Path, config: IngestConfig) -> ReadSpec:
+    """Combine preset, config and file name into the reading recipe for ``path``."""
+    if config.preset is not None:
+        preset = PRESETS[config.preset]
+        return ReadSpec("text", preset.separator, preset.has_header, preset.field_names,
+                        dict(preset.columns), {}, preset.ts_unit, preset.name)
+    kind, separator = detect_kind(path, config)
+    mapping = config.columns
+    required = {USER_ID: mapping.user_id, ITEM_ID: mapping.item_id, TS: mapping.ts}
+    if mapping.ts_offset_ms:
+        required[TS_OFFSET_MS] = mapping.ts_offset_ms
+    optional = {f: c for f, c in ((WATCH_SECONDS, mapping.watch_seconds),
+                                  (EVENT_TYPE, mapping.event_type)) if c}
+    return ReadSpec(kind, separator or ",", config.has_header, (), required, optional, config.ts_unit)
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise IngestError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return
+    try:
+        with path.open("rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot read the file: {exc}") from exc
+
+
+def _sample_lines(path: Path) -> list[str]:
+    try:
+        return pl.scan_lines(path, n_rows=SAMPLE_LINES).collect()["line"].to_list()
+    except Exception as exc:  # polars raises several error types for corrupt/compressed input
+        raise IngestError(f"{path}: cannot read the file as text lines: {exc}") from exc
+
+
+def _missing(path: Path, spec: ReadSpec, available: list[str]) -> None:
+    for fld, col in spec.columns.items():
+        if col not in available:
+            raise IngestError(
+                f"{path}: required column {col!r} (for {fld}) not found; the file has columns "
+                f"{available}" + ("" if spec.preset is None else f" (preset {spec.preset})")
+            )
+
+
+def _unquote(expr: pl.Expr) -> pl.Expr:
+    """Trim a text field and remove CSV quotes around it ("" inside becomes ")."""
+    e = expr.str.strip_chars()
+    quoted = e.str.starts_with('"') & e.str.ends_with('"') & (e.str.len_chars() >= 2)
+    return pl.when(quoted).then(e.str.slice(1, e.str.len_chars() - 2).str.replace_all('""', '"')).otherwise(e)
+
+
+def _header_names(line: str, separator: str) -> list[str]:
+    line = line.lstrip("\ufeff")
+    return [n.strip().strip('"').strip() for n in line.split(separator)]
+
+
+def _scan_text(path: Path, spec: ReadSpec) -> RawInput:
+    sample = _sample_lines(path)
+    nonblank = [s for s in sample if s.strip()]
+    if not nonblank:
+        raise IngestError(f"{path}: empty input (no lines)")
+    sep = spec.separator
+    if spec.has_header:
+        names = _header_names(sample[0], sep)
+        if spec.preset is not None:
+            _missing(path, spec, names)
+    elif spec.field_names:
+        names = list(spec.field_names)
+    else:
+        body = nonblank[1:] if spec.has_header else nonblank
+        width = Counter(len(s.split(sep)) for s in body).most_common(1)[0][0]
+        names = [f"column_{i + 1}" for i in range(width)]
+    _missing(path, spec, names)
+    n = len(names)
+    line = pl.col("line")
+    parts = line.str.splitn(sep, n + 1)
+    cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in names}}
+    lf = pl.scan_lines(path, row_index_name="_line").with_columns(pl.col("_line").cast(pl.Int64))
+    if spec.has_header:
+        lf = lf.filter(pl.col("_line") >= 1).with_columns(_row=pl.col("_line"))
+    else:
+        lf = lf.with_columns(_row=pl.col("_line") + 1)
+    shape = (
+        pl.when(line.str.strip_chars() == "").then(pl.lit(SHAPE_BLANK))
+        .when(parts.struct.field(f"field_{n - 1}").is_null()).then(pl.lit(SHAPE_SHORT))
+        .when(parts.struct.field(f"field_{n}").is_not_null()).then(pl.lit(SHAPE_LONG))
+        .otherwise(pl.lit(None, dtype=pl.String))
+    )
+    frame = lf.select(
+        pl.col("_row"),
+        line.alias("_raw"),
+        shape.alias("_shape"),
+        *[_unquote(parts.struct.field(f"field_{names.index(c)}")).alias(f) for f, c in cols.items()],
+    )
+    return RawInput(path, spec, frame, list(cols))
+
+
+def _json_path(name: str) -> str:
+    return f"$.{name}" if name.isidentifier() else "$['" + name.replace("'", "\\'") + "']"
+
+
+def _scan_ndjson(path: Path, spec: ReadSpec) -> RawInput:
+    sample = [s for s in _sample_lines(path) if s.strip()]
+    if not sample:
+        raise IngestError(f"{path}: empty input (no lines)")
+    present = [c for c in {*spec.columns.values(), *spec.optional_columns.values()}
+               if any(f'"{c}"' in s for s in sample)]
+    _missing(path, spec, present)
+    cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in present}}
+    line = pl.col("line")
+    shape = (
+        pl.when(line.str.strip_chars() == "").then(pl.lit(SHAPE_BLANK))
+        .when(line.str.json_path_match("$").is_null()).then(pl.lit(SHAPE_BAD_JSON))
+        .otherwise(pl.lit(None, dtype=pl.String))
+    )
+    frame = (
+        pl.scan_lines(path, row_index_name="_line")
+        .select(
+            (pl.col("_line").cast(pl.Int64) + 1).alias("_row"),
+            line.alias("_raw"),
+            shape.alias("_shape"),
+            *[line.str.json_path_match(_json_path(c)).alias(f) for f, c in cols.items()],
+        )
+    )
+    return RawInput(path, spec, frame, list(cols))
+
+
+def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:
+    if path.is_dir():
+        if not any(path.rglob("*.parquet")):
+            raise IngestError(f"{path}: directory holds no *.parquet files")
+        lf = pl.scan_parquet(str(path / "**" / "*.parquet"), hive_partitioning=True)
+    else:
+        lf = pl.scan_parquet(path)
+    try:
+        names = list(lf.collect_schema().names())
+    except Exception as exc:
+        raise IngestError(f"{path}: cannot read as Parquet: {exc}") from exc
+    _missing(path, spec, names)
+    cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in names}}
+    used = list(dict.fromkeys(cols.values()))
+    frame = lf.with_row_index("_row", offset=1).select(
+        pl.col("_row").cast(pl.Int64),
+        pl.struct(used).struct.json_encode().alias("_raw"),
+        pl.lit(None, dtype=pl.String).alias("_shape"),
+        *[pl.col(c).alias(f) for f, c in cols.items()],
+    )
+    return RawInput(path, spec, frame, list(cols))
+
+
+def scan_input(path: Path, config: IngestConfig) -> RawInput:
+    """Open one input (file or Parquet directory) as a raw-field frame; file-level problems raise."""
+    _check_readable(path)
+    spec = resolve_spec(path, config)
+    if spec.kind == "parquet":
+        return _scan_parquet(path, spec)
+    if path.is_dir():
+        raise IngestError(f"{path}: is a directory; only Parquet inputs may be directories")
+    if spec.kind == "ndjson":
+        return _scan_ndjson(path, spec)
+    return _scan_text(path, spec)

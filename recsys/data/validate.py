@@ -1,0 +1,254 @@
+"""Row-level validation: raw fields -> typed event columns plus one quarantine reason per bad row.
+
+All casts are non-strict: a value that does not parse becomes null, and comparing with the input tells
+*which* field failed, so a bad row is labelled instead of aborting the run. The first failing check in
+``REASONS`` order wins, so each row gets exactly one reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+
+from recsys.config import IngestConfig
+from recsys.data.readers import (
+    SHAPE_BAD_JSON,
+    SHAPE_BLANK,
+    SHAPE_LONG,
+    SHAPE_SHORT,
+    TS_OFFSET_MS,
+    RawInput,
+)
+from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, TS_DTYPE, USER_ID, WATCH_SECONDS
+
+# Public quarantine reasons, in the order they are checked.
+WRONG_FIELD_COUNT = "wrong_field_count"
+TRUNCATED_LAST_LINE = "truncated_last_line"
+MALFORMED_JSON = "malformed_json"
+NULL_USER_ID = "null_user_id"
+BAD_USER_ID = "bad_user_id"
+NULL_ITEM_ID = "null_item_id"
+BAD_ITEM_ID = "bad_item_id"
+NULL_TS = "null_ts"
+BAD_TS = "bad_ts"
+TS_OUT_OF_RANGE = "ts_out_of_range"
+BAD_WATCH_SECONDS = "bad_watch_seconds"
+REASONS = (WRONG_FIELD_COUNT, TRUNCATED_LAST_LINE, MALFORMED_JSON, NULL_USER_ID, BAD_USER_ID,
+           NULL_ITEM_ID, BAD_ITEM_ID, NULL_TS, BAD_TS, TS_OUT_OF_RANGE, BAD_WATCH_SECONDS)
+
+# Staging buckets for rows that are not events.
+BUCKET_BAD = -1
+BUCKET_BLANK = -2
+US_PER_DAY = 86_400_000_000
+SAMPLE_ROWS = 10_000
+INT_SHARE = 0.99  # "auto" id type: integers when at least this share of sampled ids parse as one
+_ISO_ZONED = ("%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%d %H:%M%z")
+_ISO_NAIVE = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%d")
+_STR = pl.String
+
+
+@dataclass(frozen=True)
+class ParsePlan:
+    """Decisions taken once per run (id types) or per file (timestamp encoding)."""
+
+    user_type: pl.DataType
+    item_type: pl.DataType
+    ts_mode: str  # "numeric" | "iso" | "datetime"
+    ts_unit: str  # "auto" | "s" | "ms" | "iso"
+    timezone: str
+    min_us: int
+    max_us: int
+
+
+def time_bounds(config: IngestConfig, now: datetime | None = None) -> tuple[int, int]:
+    """Valid event time range in UTC microseconds: [min_ts, now + max_future_days]."""
+    now = now or datetime.now(UTC)
+    lo = config.min_ts if config.min_ts.tzinfo else config.min_ts.replace(tzinfo=UTC)
+    hi = now + timedelta(days=config.max_future_days)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return (lo - epoch) // timedelta(microseconds=1), (hi - epoch) // timedelta(microseconds=1)
+
+
+def _looks_int(values: pl.Series) -> float:
+    """Share of non-empty values that are integers (1.0 for integer dtypes)."""
+    if values.dtype.is_integer():
+        return 1.0
+    if values.dtype.is_float():
+        v = values.drop_nulls()
+        return 1.0 if v.len() == 0 else float((v == v.round()).mean())
+    s = values.cast(_STR).str.strip_chars()
+    s = s.filter(s.is_not_null() & (s != ""))
+    if s.len() == 0:
+        return 1.0
+    return float(s.cast(pl.Int64, strict=False).is_not_null().mean())
+
+
+def choose_id_type(setting: str, samples: list[pl.Series], existing: pl.DataType | None) -> pl.DataType:
+    """Int64 or String for an id column; data already in events/ wins so partitions stay compatible."""
+    if setting == "int":
+        return pl.Int64
+    if setting == "str":
+        return pl.String
+    if existing is not None:
+        return pl.Int64 if existing.is_integer() else pl.String
+    return pl.Int64 if all(_looks_int(s) >= INT_SHARE for s in samples) else pl.String
+
+
+def choose_ts_mode(sample: pl.Series, ts_unit: str) -> str:
+    """How a file writes its timestamps: "datetime" (typed), "numeric" (unix) or "iso" (text)."""
+    if sample.dtype in (pl.Date,) or isinstance(sample.dtype, pl.Datetime):
+        return "datetime"
+    if ts_unit == "iso":
+        return "iso"
+    if ts_unit in ("s", "ms") or sample.dtype.is_numeric():
+        return "numeric"
+    s = sample.cast(_STR).str.strip_chars()
+    s = s.filter(s.is_not_null() & (s != ""))
+    if s.len() == 0:
+        return "numeric"
+    return "numeric" if float(s.cast(pl.Float64, strict=False).is_not_null().mean()) >= 0.5 else "iso"
+
+
+def _text(name: str) -> pl.Expr:
+    """A raw field as trimmed text, empty -> null."""
+    s = pl.col(name).cast(_STR).str.strip_chars()
+    return pl.when(s == "").then(None).otherwise(s)
+
+
+def _id(name: str, dtype: pl.DataType, in_dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr]:
+    """(typed id, is-null-in-input) for an id column."""
+    if in_dtype.is_integer():
+        raw_null = pl.col(name).is_null()
+        return pl.col(name).cast(dtype), raw_null
+    if in_dtype.is_float() and dtype == pl.Int64:
+        c = pl.col(name)
+        ok = c.is_finite() & (c == c.round())
+        return pl.when(ok).then(c.cast(pl.Int64, strict=False)), c.is_null()
+    text = _text(name)
+    value = text.cast(pl.Int64, strict=False) if dtype == pl.Int64 else text
+    return value, text.is_null()
+
+
+def _numeric_us(text: pl.Expr, unit: str) -> tuple[pl.Expr, pl.Expr]:
+    """(float microseconds, parsed) for unix times; "auto" picks s/ms/us/ns per value by magnitude.
+
+    The magnitudes do not overlap inside any sane range: 1e11 s is year 5138 and 1e11 ms is 1973,
+    so per-value detection is safe (values outside the range are quarantined anyway).
+    """
+    f = text.cast(pl.Float64, strict=False)
+    if unit == "s":
+        scale = pl.lit(1e6)
+    elif unit == "ms":
+        scale = pl.lit(1e3)
+    else:
+        a = f.abs()
+        scale = pl.when(a < 1e11).then(1e6).when(a < 1e14).then(1e3).when(a < 1e17).then(1.0).otherwise(1e-3)
+    i = text.cast(pl.Int64, strict=False)
+    # exact integer arithmetic when the value is an integer (floats lose ns-level digits)
+    exact = pl.when(scale >= 1.0).then(i * scale.cast(pl.Int64)).otherwise(i // 1000)
+    us = pl.when(i.is_not_null()).then(exact.cast(pl.Float64)).otherwise(f * scale)
+    return us, f.is_not_null() & f.is_finite()
+
+
+def _iso_us(text: pl.Expr, timezone: str) -> pl.Expr:
+    """ISO-8601 text (with 'T' or ' ', optional fraction, 'Z' or ±hh:mm or none) -> UTC microseconds."""
+    norm = text.str.replace("T", " ", literal=True).str.replace(r"[Zz]$", "+00:00")
+    zoned = [norm.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC") for f in _ISO_ZONED]
+    naive = pl.coalesce(
+        [norm.str.to_datetime(f, strict=False, time_unit="us", time_zone=None) for f in _ISO_NAIVE]
+    )
+    if timezone != "UTC":
+        naive = naive.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
+    naive = naive.dt.convert_time_zone("UTC") if timezone != "UTC" else naive.dt.replace_time_zone("UTC")
+    return pl.coalesce([*zoned, naive]).dt.epoch("us")
+
+
+def _ts_us(in_dtype: pl.DataType, plan: ParsePlan) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """(float microseconds UTC, is-null-in-input, parsed) for the ts field."""
+    if plan.ts_mode == "datetime":
+        c = pl.col(TS)
+        if in_dtype == pl.Date:
+            c = c.cast(pl.Datetime("us"))
+        if isinstance(in_dtype, pl.Datetime) and in_dtype.time_zone is not None:
+            c = c.dt.convert_time_zone("UTC")
+        else:
+            c = c.dt.replace_time_zone(plan.timezone, ambiguous="earliest", non_existent="null")
+        us = c.dt.epoch("us").cast(pl.Float64)
+        return us, pl.col(TS).is_null(), us.is_not_null()
+    text = _text(TS)
+    if plan.ts_mode == "numeric":
+        us, parsed = _numeric_us(text, plan.ts_unit)
+    else:
+        us = _iso_us(text, plan.timezone).cast(pl.Float64)
+        parsed = us.is_not_null()
+    return us, text.is_null(), parsed
+
+
+def normalise(raw: RawInput, plan: ParsePlan, file_index: int, n_buckets: int) -> pl.LazyFrame:
+    """Typed events with ``_reason`` (null = good), ``_raw`` (bad rows only) and a staging ``_bucket``."""
+    schema = raw.frame.collect_schema()
+    user, user_null = _id(USER_ID, plan.user_type, schema[USER_ID])
+    item, item_null = _id(ITEM_ID, plan.item_type, schema[ITEM_ID])
+    us, ts_null, ts_parsed = _ts_us(schema[TS], plan)
+    if TS_OFFSET_MS in raw.fields:
+        off_text = _text(TS_OFFSET_MS)
+        off = off_text.cast(pl.Int64, strict=False)
+        ts_null = ts_null | off_text.is_null()
+        ts_parsed = ts_parsed & off.is_not_null()
+        us = us + off.cast(pl.Float64) * 1e3
+    in_range = (us >= plan.min_us) & (us <= plan.max_us)
+    if WATCH_SECONDS in raw.fields:
+        ws_text = _text(WATCH_SECONDS)
+        watch = ws_text.cast(pl.Float64, strict=False)
+        watch_bad = ws_text.is_not_null() & ~(watch.is_not_null() & watch.is_finite())
+    else:
+        watch, watch_bad = pl.lit(None, dtype=pl.Float64), pl.lit(False)
+    event_type = _text(EVENT_TYPE) if EVENT_TYPE in raw.fields else pl.lit(None, dtype=_STR)
+    shape = pl.col("_shape")
+    reason = (
+        pl.when(shape.is_not_null()).then(shape)
+        .when(user_null).then(pl.lit(NULL_USER_ID))
+        .when(user.is_null()).then(pl.lit(BAD_USER_ID))
+        .when(item_null).then(pl.lit(NULL_ITEM_ID))
+        .when(item.is_null()).then(pl.lit(BAD_ITEM_ID))
+        .when(ts_null).then(pl.lit(NULL_TS))
+        .when(~ts_parsed).then(pl.lit(BAD_TS))
+        .when(~in_range).then(pl.lit(TS_OUT_OF_RANGE))
+        .when(watch_bad).then(pl.lit(BAD_WATCH_SECONDS))
+        .otherwise(pl.lit(None, dtype=_STR))
+    )
+    ts = pl.when(in_range).then(us).cast(pl.Int64, strict=False).cast(TS_DTYPE)
+    return (
+        raw.frame.select(
+            pl.lit(file_index, dtype=pl.Int32).alias("_file"),
+            pl.col("_row"),
+            user.alias(USER_ID),
+            item.alias(ITEM_ID),
+            ts.alias(TS),
+            watch.alias(WATCH_SECONDS),
+            event_type.alias(EVENT_TYPE),
+            reason.alias("_reason"),
+            pl.col("_raw"),
+        )
+        .with_columns(
+            pl.when(pl.col("_reason").is_null()).then(None).otherwise(pl.col("_raw")).alias("_raw"),
+            pl.when(pl.col("_reason") == SHAPE_BLANK).then(pl.lit(BUCKET_BLANK, dtype=pl.Int32))
+            .when(pl.col("_reason").is_not_null()).then(pl.lit(BUCKET_BAD, dtype=pl.Int32))
+            .otherwise(
+                (pl.col(TS).dt.epoch("us") // US_PER_DAY % n_buckets).cast(pl.Int32)
+            ).alias("_bucket"),
+        )
+    )
+
+
+def public_reason(reason: pl.Expr, is_last_row: pl.Expr) -> pl.Expr:
+    """Map internal structural markers to the public reason names (a short last row was truncated)."""
+    return (
+        pl.when(reason.is_in([SHAPE_SHORT, SHAPE_BAD_JSON]) & is_last_row).then(pl.lit(TRUNCATED_LAST_LINE))
+        .when(reason == SHAPE_SHORT).then(pl.lit(WRONG_FIELD_COUNT))
+        .when(reason == SHAPE_LONG).then(pl.lit(WRONG_FIELD_COUNT))
+        .when(reason == SHAPE_BAD_JSON).then(pl.lit(MALFORMED_JSON))
+        .otherwise(reason)
+    )
