@@ -206,7 +206,9 @@ def evaluate(
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     exclude_seen = resolve_exclude_seen(config)
-    console.print(metrics_table(rows, config.evaluate.cutoffs, split, exclude_seen))
+    table = metrics_table(rows, config.evaluate.cutoffs, split, exclude_seen)
+    # Piped output (logs, CI) is not cut to 80 columns; a terminal shows what fits.
+    (console if console.is_terminal else Console(width=max(console.width, 120))).print(table)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         report = {"split": split, "checkpoint": str(checkpoint) if checkpoint else None,

@@ -241,6 +241,11 @@ def evaluate_all(
     from recsys.baselines import fit_baselines
 
     split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
+    if vocab is not None and (split_dir / VOCAB_FILE).exists():
+        split_vocab = Vocab.load(split_dir / VOCAB_FILE)
+        if not split_vocab.item_ids.equals(vocab.item_ids):
+            log.warning("model vocabulary differs from %s: evaluating with the model's (%d vs %d items)",
+                        split_dir / VOCAB_FILE, len(vocab), len(split_vocab))
     vocab, train, evaluated = load_split(split_dir, split, vocab)
     n_items = len(vocab)
     models: dict[str, Recommender] = dict(recommenders)

@@ -254,3 +254,35 @@ def test_evaluate_all_runs_baselines_and_reports_unseen_targets(tmp_path):
     assert rows["most-popular"]["recall@2"] == 1.0  # ranks 2 and 2 (10 and 11 tie at the top)
     assert rows["most-popular"]["recall@1"] == 0.0
     assert rows["most-popular"]["popularity@1"] == 3.0
+
+
+def test_cli_evaluate_checkpoint_against_baselines(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from recsys.cli import app
+    from recsys.config import ModelConfig
+    from recsys.model.checkpoint import save_checkpoint
+    from recsys.model.gru4rec import GRU4Rec
+
+    train = [[10, 11, 12], [10, 11], [11, 13], [12, 10]]
+    vocab = write_split(tmp_path / "split", train, ([[10, 11, 12]], [1]), ([[11, 99, 10], [13, 11]], [1, 1]))
+    config = Config()
+    config.model = ModelConfig(hidden_size=4)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "model.pt", model=GRU4Rec(len(vocab), config.model), optimizer=None,
+                           config=config, vocab=vocab, epoch=1, metrics={})
+    out = tmp_path / "metrics.json"
+    (tmp_path / "conf").mkdir()  # defaults only, whatever the repository's conf/ says
+    result = CliRunner().invoke(app, [
+        "evaluate", "--checkpoint", str(ckpt), "--split-dir", str(tmp_path / "split"), "--split", "valid",
+        "--device", "cpu", "--json", str(out), "--conf", str(tmp_path / "conf"),
+        "--set", "evaluate.cutoffs=[1, 2]",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "GRU4Rec" in result.output and "item-kNN" in result.output and "most-popular" in result.output
+    report = json.loads(out.read_text())
+    assert list(report["rows"]) == ["gru4rec", "item-knn", "most-popular"]
+    assert report["rows"]["gru4rec"]["n_queries"] == 2  # 10 -> 11, 10 11 -> 12
+    assert report["exclude_seen"] is False  # gap sessions by default

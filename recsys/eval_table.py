@@ -1,0 +1,46 @@
+"""The GRU-vs-baselines comparison table printed by ``recsys evaluate`` (and reusable by reports)."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.table import Table
+
+DISPLAY_NAMES = {"gru4rec": "GRU4Rec", "item-knn": "item-kNN", "most-popular": "most-popular"}
+HEADERS = {"recall": "Recall", "mrr": "MRR", "ndcg": "NDCG", "coverage": "coverage", "popularity": "pop."}
+
+
+def table_columns(cutoffs: list[int]) -> list[str]:
+    """Metric keys shown: Recall/MRR/NDCG at every cutoff above 1, coverage and popularity at the largest.
+
+    At K = 1 recall, MRR and NDCG coincide, so that column adds nothing (it stays in the JSON).
+    """
+    cutoffs = sorted(cutoffs)
+    shown = [k for k in cutoffs if k > 1] or cutoffs
+    top = cutoffs[-1]
+    return [f"{m}@{k}" for k in shown for m in ("recall", "mrr", "ndcg")] + [
+        f"coverage@{top}", f"popularity@{top}"
+    ]
+
+
+def metrics_table(
+    rows: dict[str, dict[str, float]], cutoffs: list[int], split: str, exclude_seen: bool
+) -> Table:
+    """One row per model; the caption carries the query count and the targets that could not be ranked."""
+    columns = table_columns(cutoffs)
+    top = max(cutoffs)
+    first = next(iter(rows.values()), {})
+    recall_all = ", ".join(f"{DISPLAY_NAMES.get(n, n)} {m[f'recall@{top}_all']:.4f}" for n, m in rows.items())
+    caption = (
+        f"{first.get('n_queries', 0):,} queries · exclude_seen={exclude_seen} · "
+        f"unseen targets {first.get('unseen_target', 0):,} · no history {first.get('no_history', 0):,} · "
+        f"recall@{top} over all targets: {recall_all}"
+    )
+    table = Table(title=f"Full-catalogue evaluation on {split}", caption=caption, box=box.SIMPLE_HEAD)
+    table.add_column("model", no_wrap=True)
+    for col in columns:
+        metric, _, k = col.partition("@")
+        table.add_column(f"{HEADERS[metric]}\n@{k}", justify="right", no_wrap=True)
+    for name, metrics in rows.items():
+        cells = [f"{metrics[c]:.1f}" if c.startswith("popularity") else f"{metrics[c]:.4f}" for c in columns]
+        table.add_row(DISPLAY_NAMES.get(name, name), *cells)
+    return table
