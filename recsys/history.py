@@ -1,0 +1,182 @@
+"""Each user's recent viewing history, from the events Parquet, as flat index arrays for batch scoring.
+
+One lazy polars scan, one sort by (user, ts), then numpy on the sorted columns: no per-user Python loop,
+so a million users cost a few seconds. What a user "already watched" (for exclusion) is every known item
+in their events before the cutoff, not only the window fed to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recsys.data.vocab import Vocab
+from recsys.schemas import EVENT_DATE, IDX, ITEM_ID, TS, USER_ID
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Histories:
+    """Users to score and their histories as CSR arrays (row ``u`` = user ``user_ids[u]``).
+
+    ``items[offsets[u]:offsets[u+1]]``: the last ``max_history`` known item indices of user ``u`` in the
+    window, time-ordered (oldest first). ``seen_items[seen_offsets[u]:seen_offsets[u+1]]``: every known
+    item index user ``u`` watched before the cutoff (may repeat; empty when seen items are not needed).
+    """
+
+    user_ids: pl.Series  # [U] original ids
+    offsets: np.ndarray  # [U+1] int64
+    items: np.ndarray  # [N] int64 vocab indices
+    seen_offsets: np.ndarray  # [U+1] int64
+    seen_items: np.ndarray  # [M] int64 vocab indices
+    seen_pairs: pl.DataFrame | None  # (user_id, item_id) original ids watched, for export validation
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def event_files(events_dir: Path, before: datetime | None = None) -> list[Path]:
+    """Every Parquet file of the events dataset (hive partitions or flat).
+
+    With ``before``, partitions ``event_date=D`` that lie wholly after it are skipped (one day of margin,
+    in case a partition date is not the UTC date of its timestamps).
+    """
+    files = sorted(Path(events_dir).rglob("*.parquet"))
+    if before is None:
+        return files
+    last = (before + timedelta(days=1)).date().isoformat()
+    prefix = f"{EVENT_DATE}="
+    return [f for f in files if not (f.parent.name.startswith(prefix) and f.parent.name[len(prefix):] > last)]
+
+
+def _as_event_ids(users: pl.Series, dtype: pl.DataType) -> pl.Series:
+    """Requested user ids in the events' id type; ids that cannot have that type are an error."""
+    users = users.rename(USER_ID)
+    if users.dtype == pl.String:
+        users = users.str.strip_chars()
+    cast = users.cast(dtype, strict=False)
+    bad = users.filter(cast.is_null() & users.is_not_null())
+    if bad.len():
+        raise ValueError(f"{bad.len()} requested user ids are not valid {dtype} ids like the events' "
+                         f"(e.g. {bad.head(3).to_list()})")
+    return cast.drop_nulls()
+
+
+def _csr(codes: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets [n+1] and values for rows already grouped by ascending ``codes``."""
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(codes, minlength=n), out=offsets[1:])
+    return offsets, values.astype(np.int64, copy=False)
+
+
+def load_histories(
+    events_dir: Path,
+    vocab: Vocab,
+    *,
+    cutoff: datetime,
+    history_days: float | None,
+    max_history: int,
+    drop_repeats: bool = True,
+    with_seen: bool = True,
+    users: pl.Series | None = None,
+) -> Histories:
+    """Histories of every user with events before ``cutoff`` (or of ``users`` only, in the given order
+    of first appearance; requested users without events get an empty history).
+
+    ``history_days`` limits the window fed to the model to ``[cutoff - days, cutoff)``; consecutive
+    repeats of an item are dropped like the sessions stage does; items unknown to ``vocab`` are skipped
+    and counted.
+    """
+    files = event_files(events_dir, before=cutoff)
+    if not files:
+        raise FileNotFoundError(f"no events Parquet files under {events_dir}")
+    lf = pl.scan_parquet(files, hive_partitioning=False).select(USER_ID, ITEM_ID, TS)
+    lf = lf.filter(pl.col(TS) < cutoff)
+    if users is not None:
+        users = _as_event_ids(users, lf.collect_schema()[USER_ID])
+        lf = lf.join(users.unique().to_frame().lazy(), on=USER_ID, how="semi")
+    vocab_ids = vocab.frame.select(ITEM_ID, IDX)
+    item_dtype = vocab_ids.schema[ITEM_ID]
+    events = (
+        lf.with_columns(pl.col(ITEM_ID).cast(item_dtype, strict=False).alias("_key"))
+        .join(vocab_ids.lazy().rename({ITEM_ID: "_key"}), on="_key", how="left")
+        .sort(USER_ID, TS, maintain_order=True)
+        .select(
+            USER_ID, ITEM_ID, TS,
+            pl.col(IDX).fill_null(-1).cast(pl.Int64),
+            pl.col(USER_ID).rle_id().alias("_u"),  # dense user code, ascending with the sort
+        )
+        .collect()
+    )
+    code = events["_u"].to_numpy()
+    idx = events[IDX].to_numpy()
+    n_present = int(code[-1]) + 1 if len(code) else 0
+    first_rows = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if len(code) else np.empty(0, np.int64)
+    present_ids = events[USER_ID].gather(first_rows)
+    counts: dict[str, int] = {"events_before_cutoff": len(code), "users_with_events": n_present}
+
+    # the window fed to the model
+    in_window = np.ones(len(code), dtype=bool)
+    if history_days is not None:
+        start = cutoff - timedelta(days=history_days)
+        in_window = (events[TS] >= start).to_numpy()
+    if drop_repeats and len(code):
+        repeat = np.r_[False, (idx[1:] == idx[:-1]) & (code[1:] == code[:-1]) & (idx[1:] >= 0)]
+        # a repeat only counts when the previous event is in the window too
+        repeat &= np.r_[False, in_window[:-1]]
+        in_window &= ~repeat
+    unknown = in_window & (idx < 0)
+    counts["history_events"] = int(in_window.sum())
+    counts["unknown_item_events"] = int(unknown.sum())
+    counts["unknown_items"] = events.filter(pl.Series(unknown))[ITEM_ID].n_unique() if unknown.any() else 0
+    usable = in_window & (idx >= 0)
+    u_codes, u_items = code[usable], idx[usable]
+    lengths = np.bincount(u_codes, minlength=n_present).astype(np.int64)
+    ends = np.cumsum(lengths)
+    from_end = np.repeat(ends, lengths) - np.arange(len(u_items)) - 1  # 0 = most recent
+    keep = from_end < max_history
+    offsets, items = _csr(u_codes[keep], u_items[keep], n_present)
+    counts["history_items_truncated"] = int((~keep).sum())
+
+    known = idx >= 0
+    if with_seen:
+        seen_offsets, seen_items = _csr(code[known], idx[known], n_present)
+        seen_pairs = events.filter(pl.Series(known)).select(USER_ID, ITEM_ID)
+    else:
+        seen_offsets, seen_items, seen_pairs = np.zeros(n_present + 1, np.int64), np.empty(0, np.int64), None
+
+    user_ids = present_ids
+    if users is not None:
+        # requested users without any event: empty history and nothing seen
+        requested = users.unique(maintain_order=True)
+        missing = requested.to_frame().join(present_ids.to_frame(), on=USER_ID, how="anti")[USER_ID]
+        counts["unknown_users"] = missing.len()
+        if missing.len():
+            user_ids = pl.concat([present_ids, missing.cast(present_ids.dtype)])
+            pad = np.full(missing.len(), offsets[-1], dtype=np.int64)
+            offsets = np.r_[offsets, pad]
+            seen_offsets = np.r_[seen_offsets, np.full(missing.len(), seen_offsets[-1], dtype=np.int64)]
+    log.info("histories: %d users, %d events in window, %d unknown-item events skipped",
+             len(user_ids), counts["history_events"], counts["unknown_item_events"])
+    return Histories(
+        user_ids=user_ids,
+        offsets=offsets,
+        items=items,
+        seen_offsets=seen_offsets,
+        seen_items=seen_items,
+        seen_pairs=seen_pairs,
+        counts=counts,
+    )
+
