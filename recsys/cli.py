@@ -144,6 +144,7 @@ def prepare(
     set_: SetOption = None,
 ) -> None:
     """Ingest -> sessions -> split in one go, into <data_root> (set it with --set paths.data_root=...)."""
+    from recsys.data.errors import IngestError
     from recsys.data.ingest import ingest_files
     from recsys.data.sessions import build_sessions
     from recsys.data.split import split_sessions
@@ -157,7 +158,7 @@ def prepare(
             build_sessions(config)
         with console.status("splitting..."):
             stats = split_sessions(config)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, IngestError) as exc:
         raise fail(str(exc)) from None
     if not stats.get("ingest"):
         stats["ingest"] = report.to_dict()
