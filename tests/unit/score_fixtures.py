@@ -36,7 +36,8 @@ def make_events() -> pl.DataFrame:
 
     1: a normal history; 2: a long one (truncated by max_history); 3: only unknown items (-> popular);
     4: known items mixed with unknown ones and a consecutive repeat; 5: one event after the run date (ignored)
-    plus an old one; 6: only events after the run date (-> not a user on that date).
+    plus an old one; 6: only events after the run date (-> not a user on that date); 7: one old event of
+    the most popular item (outside a short history window -> popular list without that item).
     """
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     rows: list[tuple[int, int, datetime]] = []
@@ -51,6 +52,7 @@ def make_events() -> pl.DataFrame:
     add(5, [120], t0 - timedelta(days=30))
     add(5, [121], t0 + timedelta(days=20))
     add(6, [122, 123], datetime(2026, 3, 15, tzinfo=UTC))
+    add(7, [100], t0 - timedelta(days=40))
     return pl.DataFrame(rows, schema={USER_ID: pl.Int64, ITEM_ID: pl.Int64, TS: pl.Datetime("us", "UTC")},
                         orient="row")
 
