@@ -209,9 +209,15 @@ class PromoteConfig(Section):
 
 
 class TuneConfig(Section):
-    n_trials: int = Field(20, ge=1)
+    study_name: str = "recsys-tune"  # Optuna study and MLflow parent run; same name = resume
+    metric: str = "mrr@20"  # validation metric maximised (best epoch of each trial)
+    n_trials: int = Field(20, ge=1)  # finished trials in total, resumed runs included
     timeout_minutes: float | None = Field(60.0, gt=0)
-    # Search space: key -> {type: float|int|categorical, low, high, log, choices}
+    epochs: int | None = Field(None, ge=1)  # per-trial epochs; None keeps train.epochs
+    seed: int = 42  # TPE sampler seed
+    prune: bool = True  # stop trials below the median of earlier trials at the same epoch
+    prune_after_trials: int = Field(5, ge=0)  # never prune during the first trials
+    # Search space: dotted config key -> {type: float|int|categorical, low, high, log, step, choices}
     space: dict[str, dict[str, Any]] = {}
 
 
