@@ -71,7 +71,7 @@ CASES = {
     "excluded item": (lambda f: f, {"excluded_items": pl.Series(["21"])}, "excluded item"),
     "missing user": (lambda f: f, {"requested_users": pl.Series([1, 2, 3, 4])}, "requested users"),
     "seen item": (lambda f: f, {"seen": pl.DataFrame({USER_ID: [2], ITEM_ID: [32]})}, "already watched"),
-    "masked score": (lambda f: f.with_columns(pl.lit(float("-inf"), pl.Float32).alias(SCORE)), {}, "non-finite"),
+    "masked score": (lambda f: f.with_columns(pl.lit(-float("inf"), pl.Float32).alias(SCORE)), {}, "finite"),
     "bad source": (lambda f: f.with_columns(pl.lit("random").alias("source")), {}, "source"),
     "wrong rank type": (lambda f: f.with_columns(pl.col(RANK).cast(pl.Int64)), {}, "rank has type"),
     "null item": (lambda f: f.with_columns(pl.lit(None, pl.Int64).alias(ITEM_ID)), {}, "null"),
@@ -130,7 +130,8 @@ def test_crash_leaves_old_or_new_complete_and_rerun_cleans_up(tmp_path, monkeypa
     assert seen == expected
     # whatever is visible is whole: its manifest row count matches its data
     part = partition_dir(tmp_path, DAY)
-    assert json.loads((part / MANIFEST_FILE).read_text())["rows"] == pl.read_parquet(part / "part-0.parquet").height
+    rows = pl.read_parquet(part / "part-0.parquet").height
+    assert json.loads((part / MANIFEST_FILE).read_text())["rows"] == rows
 
     publish(tmp_path, recs_frame(version="rerun"), exchange=exchange)
     assert visible(tmp_path) == "rerun"

@@ -11,11 +11,11 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from score_fixtures import KNOWN_ITEMS, RUN_DATE, make_events, make_world
 
 from recsys.export import complete_partitions, partition_dir, read_recs
 from recsys.schemas import ITEM_ID, MANIFEST_FILE, RANK, SCORE, SOURCE, TS, USER_ID
 from recsys.score import score_users
-from score_fixtures import KNOWN_ITEMS, RUN_DATE, make_events, make_world
 
 
 def reference_recs(world, *, top_k, max_history, exclude_seen=True, excluded=(), history_days=None):
@@ -93,7 +93,8 @@ def test_round_trip_contract_and_manifest(tmp_path):
     })
     assert recs["run_date"].unique().to_list() == [RUN_DATE]
     assert recs.height == on_disk["rows"] == 6 * 5
-    assert recs.group_by(USER_ID).agg(pl.col(RANK).sort()).sort(USER_ID)[RANK].to_list() == [[1, 2, 3, 4, 5]] * 6
+    ranks = recs.group_by(USER_ID).agg(pl.col(RANK).sort()).sort(USER_ID)[RANK].to_list()
+    assert ranks == [[1, 2, 3, 4, 5]] * 6
 
 
 def test_exclusions_seen_and_withdrawn_list(tmp_path):
@@ -182,8 +183,9 @@ def test_csv_and_wide_variants_and_rerun_replaces(tmp_path):
 
 def test_popular_scores_are_the_counts_when_model_knows_nothing(tmp_path):
     world = make_world(tmp_path)
-    (tmp_path / "u.txt").write_text("3\n")
-    score_users(world.config, model_uri=str(world.checkpoint), run_date=RUN_DATE, users_file=tmp_path / "u.txt")
+    users = tmp_path / "u.txt"
+    users.write_text("3\n")
+    score_users(world.config, model_uri=str(world.checkpoint), run_date=RUN_DATE, users_file=users)
     recs = read_recs(world.exports_dir, RUN_DATE).collect()
     assert recs[SOURCE].to_list() == ["popular"] * 5
     assert recs[SCORE].to_list() == [40.0, 39.0, 38.0, 37.0, 36.0]
