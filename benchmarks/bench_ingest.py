@@ -1,0 +1,313 @@
+"""Scale benchmark of the data stages: generate -> ingest -> sessions -> split, plus a pandas sessioniser.
+
+Each stage runs in its own subprocess so its peak RSS is its own (``os.wait4`` rusage of that child);
+events/s is timed inside the child around the stage call only (imports excluded). A straightforward pandas
+sessioniser (sort by user and time, gap -> session ids, groupby with list aggregation) runs on the first
+size for comparison with ``recsys.data.sessions.build_sessions``.
+
+    .venv/bin/python benchmarks/bench_ingest.py                 # 10M and 50M events (long: minutes)
+    .venv/bin/python benchmarks/bench_ingest.py --sizes 200k    # smoke run
+    .venv/bin/python benchmarks/bench_ingest.py --sizes 10M --profile   # + cProfile of each stage
+
+Targets (issue 2): ingest->sessions->split >= 1.5M events/s at 10M events; 50M events with peak RSS
+<= 6 GB; ours >= 5x faster than the pandas sessioniser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("generate", "ingest", "sessions", "split")
+PATH_TARGET_EPS = 1_500_000  # ingest -> sessions -> split, events/s at 10M
+RSS_TARGET_GB = 6.0  # peak RSS of any stage at 50M
+PANDAS_RATIO_TARGET = 5.0
+
+
+def parse_size(text: str) -> int:
+    """'200k' -> 200_000, '10M' -> 10_000_000, '1.5M', '2e6'."""
+    text = text.strip().lower()
+    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in "kmgb" else text
+    return int(float(number) * scale)
+
+
+def label(n: int) -> str:
+    for div, suffix in ((1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")):
+        if n >= div and n % (div // 10) == 0:
+            return f"{n / div:g}{suffix}"
+    return str(n)
+
+
+# --- child side: run one stage and print its result as JSON -----------------------------------------
+
+def _child_config(work: Path, n_events: int, sets: list[str]):
+    from recsys.config import load_config
+
+    return load_config(REPO / "conf", [f"paths.data_root={work}", f"generate.n_events={n_events}", *sets])
+
+
+def _run_stage(stage: str, work: Path, n_events: int, sets: list[str]) -> dict[str, Any]:
+    config = _child_config(work, n_events, sets)
+    if stage == "generate":
+        from recsys.data.synthetic import generate
+
+        t0 = time.perf_counter()
+        res = generate(config)
+        secs = time.perf_counter() - t0
+        (work / "generated.json").write_text(json.dumps(res))
+        return {"events": res["events"], "seconds": secs, "detail": {"files": len(res["files"])}}
+    if stage == "ingest":
+        from recsys.data.ingest import ingest_files
+
+        files = [Path(f) for f in json.loads((work / "generated.json").read_text())["files"]]
+        t0 = time.perf_counter()
+        rep = ingest_files(files, config)
+        secs = time.perf_counter() - t0
+        d = rep.to_dict()
+        return {"events": d["rows_in"], "seconds": secs,
+                "detail": {"events_written": d["events_written"], "duplicates": d["duplicates"],
+                           "quarantined": sum(d["quarantined"].values()),
+                           "partitions": len(d["partitions"])}}
+    if stage == "sessions":
+        from recsys.data.sessions import build_sessions
+
+        t0 = time.perf_counter()
+        st = build_sessions(config)
+        secs = time.perf_counter() - t0
+        return {"events": st["events_in"], "seconds": secs,
+                "detail": {"sessions": st["sessions"], "events_kept": st["events"]}}
+    if stage == "split":
+        from recsys.data.split import split_sessions
+
+        t0 = time.perf_counter()
+        st = split_sessions(config)
+        secs = time.perf_counter() - t0
+        return {"events": st["sequences"]["events"], "seconds": secs,
+                "detail": {"vocab": st["vocab_size"],
+                           **{f"{k}_sequences": v["sequences"] for k, v in st["splits"].items()}}}
+    if stage == "pandas":
+        return _pandas_sessionise(config)
+    raise ValueError(f"unknown stage {stage}")
+
+
+def _pandas_sessionise(config) -> dict[str, Any]:
+    """The straightforward way: read, sort by (user, ts), gap -> session ids, groupby lists, write."""
+    import pandas as pd
+
+    gap = pd.Timedelta(minutes=config.sessions.gap_minutes)
+    out = config.paths.data_root / "sessions_pandas.parquet"
+    t0 = time.perf_counter()
+    df = pd.read_parquet(config.paths.events_dir, columns=["user_id", "item_id", "ts"])
+    df = df.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+    new = (df["user_id"] != df["user_id"].shift()) | (df["ts"].diff() > gap)
+    df["session_id"] = new.cumsum() - 1
+    sessions = df.groupby("session_id", sort=True).agg(
+        user_id=("user_id", "first"), start_ts=("ts", "min"), end_ts=("ts", "max"),
+        items=("item_id", list), ts=("ts", list))
+    sessions = sessions[sessions["items"].map(len) >= config.sessions.min_length]
+    sessions.reset_index().to_parquet(out)
+    secs = time.perf_counter() - t0
+    return {"events": len(df), "seconds": secs, "detail": {"sessions": len(sessions)}}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    work = Path(args.work)
+    if args.profile_to:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        result = prof.runcall(_run_stage, args.stage, work, args.size, args.set or [])
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+        Path(args.profile_to).write_text(buf.getvalue())
+    else:
+        result = _run_stage(args.stage, work, args.size, args.set or [])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- parent side -------------------------------------------------------------------------------------
+
+def run_child(stage: str, work: Path, n: int, sets: list[str], profile: Path | None,
+              timeout: float | None = None) -> dict[str, Any]:
+    """Run one stage in a fresh process; a stage past ``timeout`` is killed and reported as timed out."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_stage", stage, "--work", str(work),
+           "--size", str(n)]
+    for s in sets:
+        cmd += ["--set", s]
+    if profile is not None:
+        cmd += ["--_profile-to", str(profile)]
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = t0 + timeout if timeout else None
+    while True:  # rusage of this child alone (wait4): its own peak RSS
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
+        if pid:
+            break
+        if time.perf_counter() > deadline:  # type: ignore[operator]
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+            return {"stage": stage, "size": n, "events": n, "seconds": round(wall, 2), "timed_out": True,
+                    "wall_seconds": round(wall, 2), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3),
+                    "events_per_second": round(n / wall), "load_before": round(load_before, 2),
+                    "load_after": round(os.getloadavg()[0], 2), "detail": {}}
+        time.sleep(0.2)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+    code = os.waitstatus_to_exitcode(status)
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    if code != 0 or not lines:
+        raise RuntimeError(f"stage {stage} at {label(n)} failed (exit {code}):\n{err[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result.update(stage=stage, size=n, wall_seconds=round(wall, 2),
+                  peak_rss_gb=round(usage.ru_maxrss * 1024 / 1e9, 3),  # ru_maxrss is KiB on Linux
+                  events_per_second=round(result["events"] / result["seconds"]),
+                  load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2))
+    result["seconds"] = round(result["seconds"], 2)
+    return result
+
+
+def summarise(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
+    by = {(r["size"], r["stage"]): r for r in rows}
+    summary: dict[str, Any] = {"path": {}}
+    for n in sizes:
+        parts = [by.get((n, s)) for s in ("ingest", "sessions", "split")]
+        if all(parts):
+            secs = sum(p["seconds"] for p in parts)  # type: ignore[index]
+            summary["path"][label(n)] = {
+                "events": parts[0]["events"],  # type: ignore[index]
+                "seconds": round(secs, 2),
+                "events_per_second": round(parts[0]["events"] / secs),  # type: ignore[index]
+                "peak_rss_gb": max(p["peak_rss_gb"] for p in parts),  # type: ignore[index]
+                # generate included, the pandas comparison not: the pipeline's own peak
+                "max_stage_rss_gb": max(r["peak_rss_gb"] for r in rows
+                                        if r["size"] == n and r["stage"] in STAGES),
+            }
+    pandas_rows = [r for r in rows if r["stage"] == "pandas"]
+    if pandas_rows:
+        p = pandas_rows[0]
+        ours = by[(p["size"], "sessions")]
+        summary["pandas"] = {"size": label(p["size"]), "pandas_seconds": p["seconds"],
+                             "ours_seconds": ours["seconds"], "timed_out": p.get("timed_out", False),
+                             "ratio": round(p["seconds"] / max(ours["seconds"], 1e-9), 2)}
+    return summary
+
+
+def print_report(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="bench_ingest: data stages (each in its own process)")
+    for col in ("events", "stage", "seconds", "events/s", "peak RSS GB", "wall s", "load"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for r in rows:
+        table.add_row(label(r["size"]), r["stage"], f"{r['seconds']:.2f}", f"{r['events_per_second']:,}",
+                      f"{r['peak_rss_gb']:.2f}", f"{r['wall_seconds']:.1f}",
+                      f"{r['load_before']:.1f}->{r['load_after']:.1f}")
+    console.print(table)
+    for size, p in summary["path"].items():
+        ok = p["events_per_second"] >= PATH_TARGET_EPS
+        console.print(f"ingest->sessions->split at {size}: {p['events_per_second']:,} events/s "
+                      f"({p['seconds']:.1f} s), peak RSS {p['max_stage_rss_gb']:.2f} GB "
+                      f"[{'green' if ok else 'yellow'}](throughput target {PATH_TARGET_EPS:,}/s at 10M: "
+                      f"{'met' if ok else 'not met'})[/]")
+    if "pandas" in summary:
+        pd_ = summary["pandas"]
+        ok = pd_["ratio"] >= PANDAS_RATIO_TARGET
+        more = "> " if pd_["timed_out"] else ""
+        colour = "green" if ok else "yellow"
+        console.print(f"sessionise at {pd_['size']}: pandas {more}{pd_['pandas_seconds']:.1f} s vs ours "
+                      f"{pd_['ours_seconds']:.1f} s -> [{colour}]{more}{pd_['ratio']:.1f}x[/] "
+                      f"(target >= {PANDAS_RATIO_TARGET:g}x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10M,50M", help="comma-separated event counts, e.g. 200k,10M,50M")
+    ap.add_argument("--work", type=Path, default=REPO / "data" / "bench",
+                    help="scratch data root (one sub-directory per size, removed afterwards)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_ingest.json")
+    ap.add_argument("--set", action="append",
+                    help="config override for every stage, e.g. sessions.gap_minutes=120")
+    ap.add_argument("--no-pandas", action="store_true", help="skip the pandas sessioniser comparison")
+    ap.add_argument("--pandas-size", default=None, help="size for the pandas run (default: the first size)")
+    ap.add_argument("--pandas-timeout", type=float, default=900,
+                    help="kill the pandas run after this many seconds (the ratio is then a lower bound)")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile each pipeline stage into benchmarks/results/profile_<stage>_<size>.txt")
+    ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap.add_argument("--_stage", dest="stage", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--_profile-to", dest="profile_to", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.stage:
+        child_main(args)
+        return
+
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    pandas_size = parse_size(args.pandas_size) if args.pandas_size else sizes[0]
+    sets = args.set or []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    with_pandas = not args.no_pandas and pandas_size in sizes
+
+    def stage_run(stage: str, n: int) -> None:
+        profiled = args.profile and stage != "pandas"
+        prof = args.out.parent / f"profile_{stage}_{label(n)}.txt" if profiled else None
+        print(f"[{time.strftime('%H:%M:%S')}] {label(n)} {stage} ...", flush=True)
+        timeout = args.pandas_timeout if stage == "pandas" else None
+        rows.append(run_child(stage, args.work / label(n), n, sets, prof, timeout))
+        r = rows[-1]
+        print(f"    {'>' if r.get('timed_out') else ''}{r['seconds']:.1f} s, {r['events_per_second']:,} "
+              f"events/s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+
+    try:
+        for n in sizes:
+            work = args.work / label(n)
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            for stage in STAGES:
+                stage_run(stage, n)
+            if not args.keep and not (with_pandas and n == pandas_size):
+                shutil.rmtree(work, ignore_errors=True)
+        if with_pandas:  # last, so the pipeline numbers are in even if pandas is slow
+            stage_run("pandas", pandas_size)
+    finally:
+        if not args.keep:
+            for n in sizes:
+                shutil.rmtree(args.work / label(n), ignore_errors=True)
+    summary = summarise(rows, sizes)
+    report = {
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+                    "load_avg_end": [round(x, 2) for x in os.getloadavg()]},
+        "overrides": sets,
+        "rows": rows,
+        "summary": summary,
+        "targets": {"path_events_per_second_at_10M": PATH_TARGET_EPS, "peak_rss_gb_at_50M": RSS_TARGET_GB,
+                    "pandas_ratio": PANDAS_RATIO_TARGET},
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_report(rows, summary)
+    print(f"results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
