@@ -64,7 +64,8 @@ def split_sessions(
     sessions_dir = Path(sessions_dir) if sessions_dir is not None else config.paths.sessions_dir
     out_dir = Path(out_dir) if out_dir is not None else config.paths.split_dir
     started = time.perf_counter()
-    seqs = pl.read_parquet(session_files(sessions_dir)).sort(SESSION_ID)
+    # Row order: the sessions files' (bucket, then session id): deterministic without a sort.
+    seqs = pl.read_parquet(session_files(sessions_dir))
     if seqs.height == 0:
         raise ValueError(f"{sessions_dir} holds no sequences: nothing to split (check the sessions filters)")
     n_events = int(seqs[ITEMS].list.len().sum())
@@ -90,7 +91,9 @@ def split_sessions(
         "length": length_summary(seqs[ITEMS].list.len().to_numpy()),
     }
     stats["vocab_size"] = len(vocab)
-    stats["splits"] = {name: split_summary(frame, vocab) for name, frame in parts.items()}
+    stats["splits"] = {
+        name: split_summary(frame, vocab, is_train=name == "train") for name, frame in parts.items()
+    }
     stats["sessions_stage"] = read_json(sessions_dir / SESSIONS_STATS_FILE)
     stats["ingest"] = (stats["sessions_stage"] or {}).get("ingest") or find_ingest_report(
         config.paths.events_dir
@@ -142,19 +145,15 @@ def temporal_split(
     seqs: pl.DataFrame, valid_cut: datetime, test_cut: datetime, min_length: int
 ) -> dict[str, pl.DataFrame]:
     """Cut every time-ordered sequence at the two cutoffs (see the module docstring)."""
-    n_before_valid = _count_before(seqs[ITEM_TS], valid_cut)
-    n_before_test = _count_before(seqs[ITEM_TS], test_cut)
-    length = seqs[ITEMS].list.len().to_numpy().astype(np.int64)
+    n_before_valid, n_before_test = _count_before(seqs[ITEM_TS], [valid_cut, test_cut])
     frame = seqs.with_columns(
-        _nv=pl.Series(n_before_valid), _nt=pl.Series(n_before_test), _len=pl.Series(length)
+        _nv=pl.Series(n_before_valid), _nt=pl.Series(n_before_test), _len=pl.col(ITEMS).list.len()
     )
     train = _prefix(frame.filter(pl.col("_nv") >= min_length), pl.col("_nv"), pl.lit(0))
     valid = _prefix(
         frame.filter(pl.col("_nt") > pl.max_horizontal(pl.col("_nv"), 1)), pl.col("_nt"), pl.col("_nv")
     )
-    test = _prefix(
-        frame.filter(pl.col("_len") > pl.max_horizontal(pl.col("_nt"), 1)), pl.col("_len"), pl.col("_nt")
-    )
+    test = _prefix(frame.filter(pl.col("_len") > pl.max_horizontal(pl.col("_nt"), 1)), None, pl.col("_nt"))
     return {"train": train, "valid": valid, "test": test}
 
 
@@ -165,43 +164,49 @@ def leave_one_out_split(seqs: pl.DataFrame, min_length: int) -> dict[str, pl.Dat
     return {
         "train": _prefix(frame.filter(n - 2 >= min_length), n - 2, pl.lit(0)),
         "valid": _prefix(frame.filter(n >= 3), n - 1, n - 2),
-        "test": _prefix(frame.filter(n >= 2), n, n - 1),
+        "test": _prefix(frame.filter(n >= 2), None, n - 1),
     }
 
 
-def _prefix(frame: pl.DataFrame, keep: pl.Expr, n_context: pl.Expr) -> pl.DataFrame:
-    """Each row's first ``keep`` items (and timestamps) with ``n_context``; end_ts follows the cut."""
-    return frame.select(
-        SESSION_ID,
-        USER_ID,
-        START_TS,
-        pl.col(ITEM_TS).list.get(keep - 1).alias(END_TS),
-        pl.col(ITEMS).list.head(keep),
-        pl.col(ITEM_TS).list.head(keep),
-        n_context.cast(pl.Int32).alias(N_CONTEXT),
-    )
+def _prefix(frame: pl.DataFrame, keep: pl.Expr | None, n_context: pl.Expr) -> pl.DataFrame:
+    """Each row's first ``keep`` items and timestamps (None: all) with ``n_context``; end_ts follows."""
+    columns = [pl.col(END_TS), pl.col(ITEMS), pl.col(ITEM_TS)]
+    if keep is not None:
+        columns = [pl.col(ITEM_TS).list.get(keep - 1).alias(END_TS), pl.col(ITEMS, ITEM_TS).list.head(keep)]
+    return frame.select(SESSION_ID, USER_ID, START_TS, *columns, n_context.cast(pl.Int32).alias(N_CONTEXT))
 
 
-def _count_before(ts_lists: pl.Series, cutoff: datetime) -> np.ndarray:
-    """Per row, how many timestamps of the list are < cutoff (lists are time-ordered) [S] int64."""
+def _count_before(ts_lists: pl.Series, cutoffs: list[datetime]) -> list[np.ndarray]:
+    """Per row and cutoff, how many timestamps of the (time-ordered) list are < cutoff: [S] int64 each."""
     lengths = ts_lists.list.len().to_numpy().astype(np.int64)
     flat = ts_lists.explode()
     if len(flat) != int(lengths.sum()):  # an empty list explodes to one null; sessions never have one
         raise ValueError("sequences must not be empty")
-    before = flat.to_frame().select(pl.first() < pl.lit(cutoff).cast(flat.dtype)).to_series().to_numpy()
-    running = np.concatenate([[0], np.cumsum(before, dtype=np.int64)])
+    flat_us = flat.dt.cast_time_unit("us").to_physical().to_numpy()
     ends = np.cumsum(lengths)
-    return running[ends] - running[ends - lengths]
+    counts = []
+    for cutoff in cutoffs:
+        before = flat_us < _epoch_us(cutoff)
+        running = np.concatenate([[0], np.cumsum(before, dtype=np.int64)])
+        counts.append(running[ends] - running[ends - lengths])
+    return counts
 
 
-def split_summary(frame: pl.DataFrame, vocab: Vocab) -> dict[str, Any]:
+def _epoch_us(t: datetime) -> int:
+    t = t if t.tzinfo else t.replace(tzinfo=UTC)
+    delta = t - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def split_summary(frame: pl.DataFrame, vocab: Vocab, is_train: bool = False) -> dict[str, Any]:
     """Sequences, events, targets and unseen-item counts of one split file's frame."""
     lengths = frame[ITEMS].list.len().to_numpy().astype(np.int64)
     n_context = frame[N_CONTEXT].to_numpy().astype(np.int64)
     flat = frame[ITEMS].explode()
     position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     is_target = position >= np.repeat(np.maximum(n_context, 1), lengths)
-    known = vocab.index_of(flat) >= 0
+    # train items are the vocabulary by construction: skip the look-up there
+    known = np.ones(len(flat), dtype=bool) if is_train else vocab.index_of(flat) >= 0
     targets = int(is_target.sum())
     unseen_targets = int((is_target & ~known).sum())
     return {

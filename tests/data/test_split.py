@@ -215,3 +215,12 @@ def test_cli_prepare_runs_all_three(tmp_path):
     assert result.exit_code == 0, result.output
     stats = json.loads((tmp_path / "data" / "split" / "stats.json").read_text())
     assert stats["sequences"]["events"] == 120
+
+
+def test_unseen_counted_without_any_context_and_empty_valid(tmp_path):
+    seqs = [("a", [1, 2, 3], [day(0), day(1), day(2)]), ("b", [1, 7], [day(9.5), day(9.6)])]
+    stats, split_dir, _ = run_split(tmp_path, seqs, test_cutoff=day(9), valid_days=1.0)
+    assert read(split_dir, "valid") == [] and read(split_dir, "test") == [("b", [1, 7], 0)]
+    assert stats["splits"]["test"]["unseen_targets"] == 1 and stats["splits"]["valid"]["targets"] == 0
+    vocab = Vocab.load(split_dir / "vocab.parquet")
+    assert load_sequences(split_dir / "valid.parquet", vocab).n_sequences == 0
