@@ -98,15 +98,14 @@ def split_sessions(
     stats["ingest"] = (stats["sessions_stage"] or {}).get("ingest") or find_ingest_report(
         config.paths.events_dir
     )
-    elapsed = time.perf_counter() - started
-    stats["seconds"] = round(elapsed, 3)
-    stats["events_per_second"] = round(n_events / elapsed) if elapsed > 0 else None
-
     tmp = fresh_tmp_dir(out_dir)
     try:
         for name, frame in parts.items():
             frame.write_parquet(tmp / _FILES[name])
         vocab.save(tmp / VOCAB_FILE)
+        elapsed = time.perf_counter() - started
+        stats["seconds"] = round(elapsed, 3)
+        stats["events_per_second"] = round(n_events / elapsed) if elapsed > 0 else None
         (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2, default=str))
         swap_into_place(tmp, out_dir)
     except BaseException:
