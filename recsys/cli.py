@@ -78,6 +78,35 @@ def generate(
         table.add_row(name, value)
     console.print(table)
 
+@app.command()
+def ingest(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="Viewing-log files (CSV/TSV/Parquet/NDJSON, optionally .gz/.zst) or Parquet dirs."),
+    ],
+    preset: Annotated[
+        str | None,
+        typer.Option("--preset", help="movielens-100k | movielens-dat | movielens-csv | yoochoose | diginetica"),
+    ] = None,
+    conf: ConfOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Validate, de-duplicate and write viewing logs as date-partitioned events; bad rows to quarantine."""
+    from recsys.data.ingest import IngestError, ingest_files
+    from recsys.data.ingest_view import ingest_tables
+
+    config = load_cli_config(conf, [*(set_ or []), *([f"ingest.preset={preset}"] if preset else [])])
+    try:
+        with console.status("ingesting..."):
+            report = ingest_files(list(inputs), config)
+    except IngestError as exc:
+        if exc.report is not None:
+            console.print(ingest_tables(exc.report))
+        raise fail(str(exc)) from None
+    console.print(ingest_tables(report))
+    console.print(f"events -> {report.events_dir} (report: {Path(report.events_dir).parent / 'ingest_report.json'})")
+
+
 def _print_data_stats(stats: dict, where: Path) -> None:
     from recsys.data.stats import print_stats
 

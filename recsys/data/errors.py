@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-class IngestError(RuntimeError):
+class IngestError(ValueError):
     """Ingest cannot go on: the message names the file (and column) at fault.
 
     ``report`` carries the partial :class:`~recsys.data.ingest.IngestReport` when the failure came

@@ -192,18 +192,35 @@ def _write_quarantines(
         rep.quarantine_file = None if dest is None else str(dest)
 
 
-def _dedup_day(part: pl.DataFrame, existing: pl.DataFrame | None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(events of the day sorted by user, ts, item; the rows of this run that were duplicates)."""
-    if existing is not None:
-        old = existing.select(EVENT_COLUMNS).with_columns(
-            pl.lit(-1, dtype=pl.Int32).alias("_file"), pl.int_range(pl.len(), dtype=pl.Int64).alias("_row")
-        )
-        part = pl.concat([old, part.select(*EVENT_COLUMNS, "_file", "_row")], how="vertical_relaxed")
-    part = part.sort(_ORDER)
+def _dedup(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(events sorted by day, user, ts, item; the rows of this run that were duplicates).
+
+    Sorting on (_file, _row) last makes the order total, so the first copy in input order is kept
+    (stored events, ``_file == -1``, come first in merge mode) and the output does not depend on how
+    the engine scheduled the work.
+    """
+    frame = frame.sort(["_day", *_ORDER])
     first = pl.struct(USER_ID, ITEM_ID, TS).is_first_distinct()
-    part = part.with_columns(first.alias("_first"))
-    dups = part.filter(~pl.col("_first") & (pl.col("_file") >= 0))
-    return part.filter(pl.col("_first")), dups
+    frame = frame.with_columns(first.alias("_first"))
+    dups = frame.filter(~pl.col("_first") & (pl.col("_file") >= 0))
+    return frame.filter(pl.col("_first")), dups
+
+
+def _with_stored(frame: pl.DataFrame, events_dir: Path) -> pl.DataFrame:
+    """Merge mode: prepend what the touched partitions already hold (``_file = -1``)."""
+    stored = []
+    for day in frame["_day"].unique().sort():
+        old = partitions.read_partition(events_dir, day.isoformat())
+        if old is not None:
+            stored.append(old.select(EVENT_COLUMNS).with_columns(
+                pl.lit(-1, dtype=pl.Int32).alias("_file"),
+                pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
+                pl.lit(day).alias("_day"),
+            ))
+    if not stored:
+        return frame
+    return pl.concat([*stored, frame.select(*EVENT_COLUMNS, "_file", "_row", "_day")],
+                     how="vertical_relaxed")
 
 
 def _write_events(
@@ -216,19 +233,19 @@ def _write_events(
         lf = _scan_bucket(stage, bucket)
         if lf is None:
             continue
-        frame = lf.collect().with_columns(pl.col(TS).dt.date().alias("_day"))
-        for (day,), part in sorted(frame.partition_by("_day", as_dict=True).items()):
+        frame = lf.select(*EVENT_COLUMNS, "_file", "_row", pl.col(TS).dt.date().alias("_day")).collect()
+        if merge:
+            frame = _with_stored(frame, events_dir)
+        kept, dups = _dedup(frame)
+        for i, n in dups.group_by("_file").len().iter_rows():
+            reports[i].duplicates += int(n)
+        for i, n in kept.filter(pl.col("_file") >= 0).group_by("_file").len().iter_rows():
+            reports[i].events_written += int(n)
+        for (day,), part in kept.partition_by("_day", as_dict=True, maintain_order=True).items():
             name = day.isoformat()
-            existing = partitions.read_partition(events_dir, name)
-            kept, dups = _dedup_day(part, existing if merge else None)
-            for i, n in dups.group_by("_file").len().iter_rows():
-                reports[i].duplicates += int(n)
-            for i, n in kept.filter(pl.col("_file") >= 0).group_by("_file").len().iter_rows():
-                reports[i].events_written += int(n)
-            if existing is not None and not merge:
-                logger.info("replacing %s: %d stored events -> %d", name, existing.height, kept.height)
-            partitions.replace_partition(kept.select(EVENT_COLUMNS), events_dir, name, work)
+            partitions.replace_partition(part.select(EVENT_COLUMNS), events_dir, name, work)
             written.append(f"event_date={name}")
+        logger.debug("bucket %d: %d events in %d partitions", bucket, kept.height, kept["_day"].n_unique())
     return sorted(written)
 
 

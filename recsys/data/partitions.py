@@ -3,7 +3,9 @@
 A partition is one file, ``events/event_date=YYYY-MM-DD/part-0.parquet``. It is written complete to a
 work directory on the same filesystem (``<data_root>/.ingest-tmp``, outside ``events/`` so that readers
 globbing ``events/**/*.parquet`` never see half-written files), fsynced, then moved into place with
-``os.replace``: a reader, or a ``kill -9`` at any instant, sees either the old file or the new one.
+``os.replace``: a reader, or a ``kill -9`` at any instant, sees either the old file or the new one
+(the file is fsynced before the rename, so after a power cut too; the directory is not fsynced per
+partition, so a power cut right after a run may bring back the previous, equally complete, file).
 The work directory of a killed run is removed by the next run, under an exclusive lock.
 """
 
@@ -32,14 +34,6 @@ def partition_dir(events_dir: Path, day: str) -> Path:
     return events_dir / f"event_date={day}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_parquet_durable(frame: pl.DataFrame, path: Path) -> None:
     """Write a Parquet file and fsync it (deterministic settings: same frame -> same bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +48,6 @@ def commit_file(tmp: Path, dest: Path) -> None:
         before_commit(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
 
 
 def replace_partition(frame: pl.DataFrame, events_dir: Path, day: str, work: Path) -> Path:

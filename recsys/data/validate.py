@@ -55,7 +55,7 @@ class ParsePlan:
 
     user_type: pl.DataType
     item_type: pl.DataType
-    ts_mode: str  # "numeric" | "iso" | "datetime"
+    ts_mode: str  # "numeric" | "iso" | "mixed" (numeric or ISO per row) | "datetime"
     ts_unit: str  # "auto" | "s" | "ms" | "iso"
     timezone: str
     min_us: int
@@ -97,7 +97,11 @@ def choose_id_type(setting: str, samples: list[pl.Series], existing: pl.DataType
 
 
 def choose_ts_mode(sample: pl.Series, ts_unit: str) -> str:
-    """How a file writes its timestamps: "datetime" (typed), "numeric" (unix) or "iso" (text)."""
+    """How a file writes its timestamps: "datetime" (typed), "numeric" (unix), "iso" (text) or "mixed".
+
+    Decided on a sample so the common single-encoding file pays for one parser only; "mixed" tries
+    a number first, then ISO-8601, on every row.
+    """
     if sample.dtype in (pl.Date,) or isinstance(sample.dtype, pl.Datetime):
         return "datetime"
     if ts_unit == "iso":
@@ -108,7 +112,8 @@ def choose_ts_mode(sample: pl.Series, ts_unit: str) -> str:
     s = s.filter(s.is_not_null() & (s != ""))
     if s.len() == 0:
         return "numeric"
-    return "numeric" if float(s.cast(pl.Float64, strict=False).is_not_null().mean()) >= 0.5 else "iso"
+    share = float(s.cast(pl.Float64, strict=False).is_not_null().mean())
+    return "numeric" if share == 1.0 else "iso" if share == 0.0 else "mixed"
 
 
 def _text(name: str) -> pl.Expr:
@@ -180,6 +185,11 @@ def _ts_us(in_dtype: pl.DataType, plan: ParsePlan) -> tuple[pl.Expr, pl.Expr, pl
     text = _text(TS)
     if plan.ts_mode == "numeric":
         us, parsed = _numeric_us(text, plan.ts_unit)
+    elif plan.ts_mode == "mixed":
+        num, num_ok = _numeric_us(text, plan.ts_unit)
+        iso = _iso_us(text, plan.timezone).cast(pl.Float64)
+        us = pl.when(num_ok).then(num).otherwise(iso)
+        parsed = num_ok | iso.is_not_null()
     else:
         us = _iso_us(text, plan.timezone).cast(pl.Float64)
         parsed = us.is_not_null()

@@ -1,0 +1,176 @@
+"""Readers: CSV/TSV/Parquet/NDJSON, compression, presets, timestamp encodings, id types."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import polars as pl
+import pytest
+from ingest_helpers import assert_conserved, events, run, write
+
+from recsys.schemas import TS_DTYPE
+
+T0 = 1_767_268_800  # 2026-01-01T12:00:00Z
+
+
+def _ts(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def test_csv_with_column_mapping(tmp_path):
+    src = write(tmp_path / "in" / "log.csv",
+                "viewer,title,when,secs,kind\n"
+                f"u1,10,{T0},30.5,play\n"
+                f"u1,11,{T0 + 60},,\n"
+                f"u2,10,{T0 + 86_400},12,play\n")
+    root = tmp_path / "data"
+    report = run([src], root, columns={"user_id": "viewer", "item_id": "title", "ts": "when",
+                                       "watch_seconds": "secs", "event_type": "kind"})
+    assert_conserved(report)
+    assert report.rows_in == 3 and report.events_written == 3
+    assert report.partitions == ["event_date=2026-01-01", "event_date=2026-01-02"]
+    ev = events(root)
+    assert ev.schema["ts"] == TS_DTYPE and ev.schema["user_id"] == pl.String
+    assert ev.schema["item_id"] == pl.Int64
+    assert ev.columns == ["user_id", "item_id", "ts", "watch_seconds", "event_type"]
+    assert ev.rows() == [("u1", 10, _ts(T0), 30.5, "play"), ("u1", 11, _ts(T0 + 60), None, None),
+                         ("u2", 10, _ts(T0 + 86_400), 12.0, "play")]
+    assert (root / "ingest_report.json").is_file()
+
+
+def test_tsv_headerless_positional_columns(tmp_path):
+    src = write(tmp_path / "log.tsv", f"1\t5\t{T0}\n2\t6\t{T0 + 1}\n")
+    root = tmp_path / "data"
+    report = run([src], root, has_header=False,
+                 columns={"user_id": "column_1", "item_id": "column_2", "ts": "column_3"})
+    assert report.events_written == 2
+    assert events(root)["item_id"].to_list() == [5, 6]
+
+
+def test_parquet_file_and_hive_directory(tmp_path):
+    frame = pl.DataFrame({
+        "user_id": [1, 1, 2],
+        "item_id": ["a", "b", "a"],
+        "ts": [datetime(2026, 1, 1, 10), datetime(2026, 1, 1, 11), datetime(2026, 1, 2, 9)],
+        "watch_seconds": [1.0, 2.0, None],
+    })
+    single = tmp_path / "one.parquet"
+    frame.write_parquet(single)
+    hive = tmp_path / "hive"
+    for day, part in frame.with_columns(pl.col("ts").dt.date().alias("d")).partition_by("d", as_dict=True).items():
+        (hive / f"d={day[0]}").mkdir(parents=True)
+        part.drop("d").write_parquet(hive / f"d={day[0]}" / "x.parquet")
+    for src in (single, hive):
+        root = tmp_path / f"data-{src.name}"
+        report = run([src], root)
+        assert report.events_written == 3 and report.files[0].kind == "parquet"
+        ev = events(root).sort("user_id", "ts")
+        assert ev["item_id"].to_list() == ["a", "b", "a"]
+        assert ev["ts"].to_list()[0] == datetime(2026, 1, 1, 10, tzinfo=UTC)
+
+
+def test_parquet_bad_rows_keep_raw_json(tmp_path):
+    src = tmp_path / "p.parquet"
+    pl.DataFrame({"user_id": [1, None], "item_id": [1, 2], "ts": [T0, T0]}).write_parquet(src)
+    root = tmp_path / "data"
+    report = run([src], root, max_bad_fraction=1.0)
+    assert report.quarantined == {"null_user_id": 1}
+    q = pl.read_parquet(next((root / "quarantine").glob("*.parquet")))
+    assert q["row"].to_list() == [2] and '"item_id":2' in q["raw"][0]
+
+
+def test_ndjson_with_malformed_and_truncated_lines(tmp_path):
+    src = write(tmp_path / "log.jsonl",
+                f'{{"user_id": 1, "item_id": 7, "ts": {T0}}}\n'
+                "this is not json\n"
+                f'{{"user_id": 2, "item_id": 8, "ts": "2026-01-01T12:00:00Z", "event_type": "play"}}\n'
+                '{"user_id": 3, "item_id": 9, "ts": 17')
+    root = tmp_path / "data"
+    report = run([src], root, max_bad_fraction=1.0)
+    assert_conserved(report)
+    assert report.events_written == 2
+    assert report.quarantined == {"malformed_json": 1, "truncated_last_line": 1}
+    assert events(root).sort("user_id")["event_type"].to_list() == [None, "play"]
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".csv.zst", ".jsonl.gz", ".tsv.zst"])
+def test_compressed_inputs(tmp_path, suffix):
+    if ".csv" in suffix:
+        text = f"user_id,item_id,ts\n1,2,{T0}\n1,3,{T0 + 5}\n"
+    elif ".tsv" in suffix:
+        text = f"user_id\titem_id\tts\n1\t2\t{T0}\n1\t3\t{T0 + 5}\n"
+    else:
+        text = f'{{"user_id":1,"item_id":2,"ts":{T0}}}\n{{"user_id":1,"item_id":3,"ts":{T0 + 5}}}\n'
+    src = write(tmp_path / f"log{suffix}", text)
+    root = tmp_path / "data"
+    assert run([src], root).events_written == 2
+    assert events(root)["item_id"].to_list() == [2, 3]
+
+
+PRESET_FILES = {
+    "movielens-100k": ("u.data", f"196\t242\t3\t{T0}\n186\t302\t3\t{T0 + 7}\n"),
+    "movielens-dat": ("ratings.dat", f"1::1193::5::{T0}\n1::661::3::{T0 + 7}\n"),
+    "movielens-csv": ("ratings.csv", f"userId,movieId,rating,timestamp\n1,1,4.0,{T0}\n1,3,4.0,{T0 + 7}\n"),
+    "yoochoose": ("clicks.dat", "1,2026-01-01T12:00:00.000Z,214536502,0\n"
+                                "1,2026-01-01T12:00:07.000Z,214536500,S\n"),
+    "diginetica": ("train-item-views.csv", "sessionId;userId;itemId;timeframe;eventdate\n"
+                                           "1;NA;81766;43200000;2026-01-01\n1;NA;31331;43207000;2026-01-01\n"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_FILES))
+def test_presets(tmp_path, preset):
+    name, text = PRESET_FILES[preset]
+    src = write(tmp_path / name, text)
+    root = tmp_path / "data"
+    report = run([src], root, preset=preset)
+    assert report.events_written == 2 and report.quarantined == {}
+    ev = events(root)
+    assert ev["ts"].sort().to_list() == [_ts(T0), _ts(T0 + 7)]
+    assert ev.schema["user_id"] == pl.Int64 and ev.schema["item_id"] == pl.Int64
+
+
+def test_preset_with_wrong_header_names_file_and_column(tmp_path):
+    from recsys.data.ingest import IngestError
+
+    src = write(tmp_path / "ratings.csv", f"user,movieId,rating,timestamp\n1,1,4.0,{T0}\n")
+    with pytest.raises(IngestError, match=r"ratings\.csv.*'userId'"):
+        run([src], tmp_path / "data", preset="movielens-csv")
+
+
+@pytest.mark.parametrize(
+    ("value", "settings", "expected"),
+    [
+        (str(T0), {}, _ts(T0)),
+        (str(T0 * 1000 + 250), {}, datetime(2026, 1, 1, 12, 0, 0, 250_000, tzinfo=UTC)),
+        (f"{T0}.5", {}, datetime(2026, 1, 1, 12, 0, 0, 500_000, tzinfo=UTC)),
+        (str(T0 * 1000), {"ts_unit": "ms"}, _ts(T0)),
+        ("2026-01-01T12:00:00Z", {}, _ts(T0)),
+        ("2026-01-01T14:00:00+02:00", {}, _ts(T0)),
+        ("2026-01-01 12:00:00.125", {}, datetime(2026, 1, 1, 12, 0, 0, 125_000, tzinfo=UTC)),
+        ("2026-01-01T13:00:00", {"timezone": "Europe/Berlin"}, _ts(T0)),
+        ("2026-01-01", {"ts_unit": "iso"}, datetime(2026, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_timestamp_encodings(tmp_path, value, settings, expected):
+    src = write(tmp_path / "log.csv", f"user_id,item_id,ts\n1,2,{value}\n")
+    root = tmp_path / "data"
+    assert run([src], root, **settings).events_written == 1
+    assert events(root)["ts"].to_list() == [expected]
+
+
+def test_quoted_fields_and_crlf(tmp_path):
+    src = tmp_path / "log.csv"
+    src.write_bytes(f'"user_id","item_id","ts"\r\n"a ""b""",7,{T0}\r\n'.encode())
+    root = tmp_path / "data"
+    assert run([src], root).events_written == 1
+    assert events(root)["user_id"].to_list() == ['a "b"']
+
+
+def test_id_type_follows_existing_events(tmp_path):
+    root = tmp_path / "data"
+    run([write(tmp_path / "a.csv", f"user_id,item_id,ts\n1,2,{T0}\n")], root)
+    # a later file whose ids happen to be strings must not change the stored type: bad ids quarantined
+    report = run([write(tmp_path / "b.csv", f"user_id,item_id,ts\n1,x,{T0 + 86_400}\n1,3,{T0 + 86_400}\n")],
+                 root, max_bad_fraction=1.0)
+    assert report.quarantined == {"bad_item_id": 1} and report.item_id_type == "int"
