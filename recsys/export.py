@@ -306,6 +306,17 @@ def _swap_into_place(stage: Path, target: Path, staging: Path, prefix: str, exch
     shutil.rmtree(old)
 
 
+def _retire(exports_dir: Path, dataset: str, run_date: date) -> None:
+    """Take a partition out of view in one rename, then delete it."""
+    target = partition_dir(exports_dir, run_date, dataset)
+    if target.exists():
+        staging = _staging_root(exports_dir)
+        staging.mkdir(parents=True, exist_ok=True)
+        gone = staging / f"{_stage_prefix(dataset, run_date)}.retired-{uuid.uuid4().hex[:8]}"
+        os.rename(target, gone)
+        shutil.rmtree(gone)
+
+
 # --- publish ---------------------------------------------------------------------------------------
 
 
@@ -397,8 +408,11 @@ def publish_recs(
         datasets.insert(0, WIDE_DATASET)
     if write_csv:
         datasets.insert(0, CSV_DATASET)
-    for dataset in datasets:
+    for dataset in (CSV_DATASET, WIDE_DATASET, RECS_DATASET):
         recover(exports_dir, dataset, run_date)
+    for dataset in (CSV_DATASET, WIDE_DATASET):
+        if dataset not in datasets:  # not written this time: an older run's variant would contradict it
+            _retire(exports_dir, dataset, run_date)
 
     def write_long(folder: Path) -> list[str]:
         recs.write_parquet(folder / DATA_FILE)

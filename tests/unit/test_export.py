@@ -177,3 +177,14 @@ def test_snapshot_hash_follows_inputs(tmp_path):
     assert snapshot_hash([f], [users]) != h1
     f.write_bytes(b"12")
     assert snapshot_hash([f]) != snapshot_hash([tmp_path / "a.parquet"], [users])
+
+
+def test_variants_written_and_retired_with_the_run(tmp_path):
+    publish(tmp_path, recs_frame(version="a"), write_csv=True, write_wide=True)
+    wide = pl.read_parquet(partition_dir(tmp_path, DAY, "recs_wide") / "part-0.parquet")
+    assert wide.height == 3 and wide["item_ids"].to_list()[0] == [21, 22, 23]
+    assert pl.read_csv(partition_dir(tmp_path, DAY, "recs_csv") / "recs.csv").height == 9
+    publish(tmp_path, recs_frame(version="b"))  # no variants this time: the old ones must not linger
+    assert not partition_dir(tmp_path, DAY, "recs_wide").exists()
+    assert not partition_dir(tmp_path, DAY, "recs_csv").exists()
+    assert visible(tmp_path) == "b" and list((tmp_path / "_staging").iterdir()) == []
