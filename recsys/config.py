@@ -127,6 +127,9 @@ class IngestConfig(Section):
 class SessionsConfig(Section):
     mode: Literal["gap", "user"] = "gap"
     gap_minutes: float = Field(30.0, gt=0)
+    # gap = next start - end of the previous play (ts + watch_seconds) when events have watch_seconds;
+    # False (or no watch_seconds): gap = time between event timestamps
+    gap_from_end: bool = True
     drop_consecutive_repeats: bool = True
     min_item_support: int = Field(5, ge=1)
     min_length: int = Field(2, ge=2)

@@ -7,9 +7,12 @@ by the largest bucket and the output does not depend on the bucket count.
 
 Per bucket, in this order:
 1. sort by (user, ts, item_id) — equal timestamps are ordered by item id, so the result is deterministic;
-2. cut sequences: ``gap`` mode starts a new session when the time since the user's previous event is
-   strictly greater than ``gap_minutes`` (a gap of exactly ``gap_minutes`` stays in the session);
-   ``user`` mode makes the whole history one sequence. Gaps are measured on all events, before filtering;
+2. cut sequences: ``gap`` mode starts a new session when the user's inactivity before an event is
+   strictly greater than ``gap_minutes`` (exactly ``gap_minutes`` stays in the session). Inactivity runs
+   from the end of the previous play (``ts + watch_seconds``) when the events have ``watch_seconds`` and
+   ``gap_from_end`` is on (a 50-minute episode followed by the next one is one sitting), else from the
+   previous event's ``ts``. ``user`` mode makes the whole history one sequence. Gaps are measured on all
+   events, before filtering;
 3. drop events of items with fewer than ``min_item_support`` events overall (counted on all events);
 4. drop consecutive repeats (the same item twice in a row within a sequence, after step 3);
 5. keep the last ``max_length`` events of each sequence, then drop sequences shorter than ``min_length``.
@@ -34,7 +37,18 @@ import polars as pl
 from recsys.config import Config, SessionsConfig
 from recsys.data.atomic_dir import fresh_tmp_dir, swap_into_place
 from recsys.data.stats import find_ingest_report
-from recsys.schemas import END_TS, ITEM_ID, ITEM_TS, ITEMS, SESSION_ID, START_TS, TS, TS_DTYPE, USER_ID
+from recsys.schemas import (
+    END_TS,
+    ITEM_ID,
+    ITEM_TS,
+    ITEMS,
+    SESSION_ID,
+    START_TS,
+    TS,
+    TS_DTYPE,
+    USER_ID,
+    WATCH_SECONDS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +110,11 @@ def build_sessions(
     out_dir = Path(out_dir) if out_dir is not None else config.paths.sessions_dir
     started = time.perf_counter()
 
-    scan = pl.scan_parquet(event_files(events_dir)).select(
-        pl.col(USER_ID), pl.col(ITEM_ID), pl.col(TS).cast(TS_DTYPE)
-    )
+    source = pl.scan_parquet(event_files(events_dir), missing_columns="insert", extra_columns="ignore")
+    columns = [pl.col(USER_ID), pl.col(ITEM_ID), pl.col(TS).cast(TS_DTYPE)]
+    if cfg.mode == "gap" and cfg.gap_from_end and WATCH_SECONDS in source.collect_schema():
+        columns.append(pl.col(WATCH_SECONDS).cast(pl.Float64))
+    scan = source.select(columns)
     schema = scan.collect_schema()
     out_schema = sessions_schema(schema[USER_ID], schema[ITEM_ID])
     # One pass for what must be global: per-user event counts (session id offsets), item support.
@@ -202,8 +218,12 @@ def sessionise(events: pl.DataFrame, cfg: SessionsConfig, rare_items: pl.Series)
     new_user = (pl.col(USER_ID) != pl.col(USER_ID).shift(1)).fill_null(True)
     if cfg.mode == "gap":
         gap_us = round(cfg.gap_minutes * 60 * 1_000_000)
-        gap = (pl.col(TS) - pl.col(TS).shift(1)).dt.total_microseconds() > gap_us
-        new_seq = new_user | gap.fill_null(True)
+        ts_us = pl.col(TS).dt.epoch("us")
+        prev_end = ts_us.shift(1)
+        if WATCH_SECONDS in frame.columns:  # inactivity starts when the previous play ended
+            watched = pl.col(WATCH_SECONDS).fill_null(0.0).fill_nan(0.0).clip(lower_bound=0.0)
+            prev_end = prev_end + (watched * 1_000_000).round().cast(pl.Int64).shift(1)
+        new_seq = new_user | (ts_us - prev_end > gap_us).fill_null(True)
     else:
         new_seq = new_user
     frame = frame.with_columns(new_user.alias("_new_user"), new_seq.alias("_new_seq")).with_columns(

@@ -68,7 +68,11 @@ def data_table(stats: dict[str, Any]) -> Table:
         table.add_row("", "consecutive repeats dropped", _n(sess.get("events_repeats")))
         table.add_row("", "events cut by max_length", _n(sess.get("events_truncated")))
         table.add_row("", "short sequences dropped", _n(sess.get("sequences_too_short")))
-    seq = stats.get("sequences") or {}
+    # After `recsys sessions` alone, the sequences row comes from the sessions stage's own counts.
+    seq = stats.get("sequences") or {
+        "sequences": sess.get("sessions"), "events": sess.get("events"), "users": sess.get("users"),
+        "items": sess.get("items"), "length": sess.get("length"),
+    } if sess else {}
     if seq:
         length = seq.get("length") or {}
         table.add_row("sequences", "sequences", _n(seq.get("sequences")))

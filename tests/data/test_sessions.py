@@ -18,11 +18,11 @@ MIN = timedelta(minutes=1)
 
 
 def write_events(events_dir: Path, rows: list[tuple], user_dtype=pl.Int64) -> None:
-    """rows of (user_id, item_id, ts) -> hive ``event_date=YYYY-MM-DD/part-0.parquet`` files."""
-    frame = pl.DataFrame(
-        rows, orient="row",
-        schema={"user_id": user_dtype, "item_id": pl.Int64, "ts": pl.Datetime("us", "UTC")},
-    ).with_columns(watch_seconds=pl.lit(60.0), event_type=pl.lit("play"))
+    """rows of (user_id, item_id, ts[, watch_seconds]) -> hive ``event_date=YYYY-MM-DD/part-0.parquet``."""
+    schema = {"user_id": user_dtype, "item_id": pl.Int64, "ts": pl.Datetime("us", "UTC")}
+    if rows and len(rows[0]) == 4:
+        schema["watch_seconds"] = pl.Float64
+    frame = pl.DataFrame(rows, orient="row", schema=schema).with_columns(event_type=pl.lit("play"))
     for (day,), part in frame.group_by(pl.col("ts").dt.date(), maintain_order=True):
         out = events_dir / f"event_date={day}"
         out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +57,20 @@ def test_gap_boundary_is_strictly_greater_than_the_gap(tmp_path):
     assert first["start_ts"] == T0 and first["end_ts"] == T0 + 30 * MIN
     assert first["ts"] == [T0, T0 + 30 * MIN]
     assert stats["sessions"] == 3 and stats["events"] == 6 and stats["users"] == 2
+
+
+def test_gap_counts_from_the_end_of_the_previous_play(tmp_path):
+    # Three 50-minute episodes back to back, then a film 40 minutes after the last episode ended.
+    ep = 50 * MIN
+    rows = [(1, 10, T0, 3000.0), (1, 11, T0 + ep, 3000.0), (1, 12, T0 + 2 * ep + 5 * MIN, None),
+            (1, 13, T0 + 2 * ep + 5 * MIN + 40 * MIN, 600.0), (1, 14, T0 + 2 * ep + 55 * MIN, 60.0)]
+    frame, _ = run(tmp_path, rows, gap_minutes=30)
+    # item 12 has no watch_seconds: its play counts as instantaneous, so 13 starts a new session
+    assert frame["items"].to_list() == [[10, 11, 12], [13, 14]]
+    frame, _ = run(tmp_path, rows, gap_minutes=30, gap_from_end=False)  # plain timestamp gaps
+    assert frame["items"].to_list() == [[13, 14]]
+    frame, _ = run(tmp_path, rows, gap_minutes=40)  # exactly 40 minutes of inactivity: same session
+    assert frame["items"].to_list() == [[10, 11, 12, 13, 14]]
 
 
 def test_user_mode_keeps_the_whole_history(tmp_path):
