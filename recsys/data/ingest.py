@@ -110,8 +110,8 @@ class IngestReport:
 
 
 def _sample(raw: RawInput) -> pl.DataFrame:
-    try:
-        return raw.frame.head(SAMPLE_ROWS).collect()
+    try:  # rows with structural problems say nothing about column types
+        return raw.frame.head(SAMPLE_ROWS).collect().filter(pl.col("_shape").is_null())
     except Exception as exc:
         raise IngestError(f"{raw.path}: cannot read the file: {exc}") from exc
 
@@ -157,6 +157,9 @@ def _scan_bucket(stage: Path, bucket: int, file_index: int | None = None) -> pl.
 def _file_stats(stage: Path) -> pl.DataFrame:
     """Per file: data rows (blank lines excluded), blank lines, last data row number."""
     files = sorted(stage.glob("f*/_bucket=*/*.parquet"))
+    if not files:
+        return pl.DataFrame(schema={"_file": pl.Int32, "rows": pl.Int64, "blanks": pl.Int64,
+                                    "last_row": pl.Int64})
     not_blank = pl.col("_bucket") != BUCKET_BLANK
     return (
         pl.scan_parquet(files, hive_partitioning=False)
@@ -287,7 +290,8 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
         raise IngestError("no input files given")
     raws = [scan_input(Path(p), config.ingest) for p in inputs]
     plans = _plans(raws, config, now)
-    reports = [FileReport(str(r.path), r.spec.kind, r.spec.preset, p.ts_mode) for r, p in zip(raws, plans)]
+    reports = [FileReport(str(r.path), r.spec.kind, r.spec.preset, p.ts_mode)
+               for r, p in zip(raws, plans, strict=True)]
     events_dir = config.paths.events_dir
     with partitions.ingest_workspace(config.paths.data_root, events_dir) as work:
         stage = work / "stage"
@@ -297,7 +301,8 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
             rep.rows, rep.blank_lines, _ = stats.get(i, (0, 0, None))
             if rep.rows == 0:
                 raise IngestError(f"{rep.source}: empty input: no data rows")
-        last_rows = {i: s[2] for i, s in stats.items() if s[2] is not None}
+        last_rows = {i: s[2] for i, s in stats.items()
+                     if s[2] is not None and raws[i].ends_with_newline is not True}
         _write_quarantines(stage, raws, reports, last_rows, config, work)
         report = _report(reports, [], plans, config, "failed", started)
         limit = config.ingest.max_bad_fraction

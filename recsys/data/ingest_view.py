@@ -38,8 +38,9 @@ def ingest_tables(report: IngestReport) -> Group:
         files.add_column(col, justify="left" if col in ("source", "format", "ts") else "right",
                          overflow="fold")
     for f in report.files:
-        files.add_row(Path(f.source).name, f.preset or f.kind, f.ts_mode, f"{f.rows:,}", f"{f.events_written:,}",
-                      f"{f.duplicates:,}", f"{sum(f.quarantined.values()):,}", f"{f.blank_lines:,}")
+        files.add_row(Path(f.source).name, f.preset or f.kind, f.ts_mode, f"{f.rows:,}",
+                      f"{f.events_written:,}", f"{f.duplicates:,}", f"{sum(f.quarantined.values()):,}",
+                      f"{f.blank_lines:,}")
     parts: list[Table] = [totals, files]
     if report.quarantined:
         reasons = Table(title=f"quarantine reasons -> {report.quarantine_dir}")

@@ -98,6 +98,22 @@ class RawInput:
     spec: ReadSpec
     frame: pl.LazyFrame
     fields: list[str]  # event fields present as columns of ``frame``
+    ends_with_newline: bool | None = None  # None: unknown (compressed) or not text
+
+
+def _ends_with_newline(path: Path) -> bool | None:
+    """Whether a plain text file ends with a newline (cheap: one byte); None for compressed files.
+
+    A short last row is called "truncated_last_line" unless the file is known to end cleanly.
+    """
+    if path.name.lower().endswith(COMPRESSED_SUFFIXES):
+        return None
+    with path.open("rb") as fh:
+        fh.seek(0, 2)
+        if fh.tell() == 0:
+            return None
+        fh.seek(-1, 2)
+        return fh.read(1) == b"\n"
 
 
 def _strip_compression(name: str) -> str:
@@ -225,7 +241,7 @@ def _scan_text(path: Path, spec: ReadSpec) -> RawInput:
         shape.alias("_shape"),
         *[_unquote(parts.struct.field(f"field_{names.index(c)}")).alias(f) for f, c in cols.items()],
     )
-    return RawInput(path, spec, frame, list(cols))
+    return RawInput(path, spec, frame, list(cols), _ends_with_newline(path))
 
 
 def _json_path(name: str) -> str:
@@ -255,7 +271,7 @@ def _scan_ndjson(path: Path, spec: ReadSpec) -> RawInput:
             *[line.str.json_path_match(_json_path(c)).alias(f) for f, c in cols.items()],
         )
     )
-    return RawInput(path, spec, frame, list(cols))
+    return RawInput(path, spec, frame, list(cols), _ends_with_newline(path))
 
 
 def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:

@@ -19,7 +19,10 @@ NOW = datetime(2026, 3, 1, tzinfo=UTC)  # fixed "now" for the max_future_days bo
 
 
 def make_config(root: Path, **ingest: Any) -> Config:
-    return load_config(REPO / "conf", values={"paths": {"data_root": str(root)}, "ingest": ingest})
+    """Defaults (as in conf/) plus ``ingest`` settings; an empty conf dir keeps other stages' edits out."""
+    conf = root.parent / "empty-conf"
+    conf.mkdir(parents=True, exist_ok=True)
+    return load_config(conf, values={"paths": {"data_root": str(root)}, "ingest": ingest})
 
 
 def run(inputs: list[Path], root: Path, **ingest: Any) -> IngestReport:

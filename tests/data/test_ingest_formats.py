@@ -57,7 +57,8 @@ def test_parquet_file_and_hive_directory(tmp_path):
     single = tmp_path / "one.parquet"
     frame.write_parquet(single)
     hive = tmp_path / "hive"
-    for day, part in frame.with_columns(pl.col("ts").dt.date().alias("d")).partition_by("d", as_dict=True).items():
+    days = frame.with_columns(pl.col("ts").dt.date().alias("d")).partition_by("d", as_dict=True)
+    for day, part in days.items():
         (hive / f"d={day[0]}").mkdir(parents=True)
         part.drop("d").write_parquet(hive / f"d={day[0]}" / "x.parquet")
     for src in (single, hive):
