@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from recsys.config import Config, SplitConfig
 from recsys.data.atomic_dir import fresh_tmp_dir, swap_into_place
@@ -60,50 +61,66 @@ _FILES = {"train": TRAIN_FILE, "valid": VALID_FILE, "test": TEST_FILE}
 def split_sessions(
     config: Config, sessions_dir: Path | None = None, out_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Write train/valid/test/vocab parquet and ``stats.json`` to ``out_dir`` atomically; return the stats."""
+    """Write train/valid/test/vocab parquet and ``stats.json`` to ``out_dir`` atomically; return the stats.
+
+    Sessions files are split one at a time and appended to the output files, so memory is bounded by
+    the largest sessions file (one user bucket) plus the train item column for the vocabulary. Rows keep
+    the sessions files' order (bucket, then session id): deterministic without a sort.
+    """
     sessions_dir = Path(sessions_dir) if sessions_dir is not None else config.paths.sessions_dir
     out_dir = Path(out_dir) if out_dir is not None else config.paths.split_dir
     started = time.perf_counter()
-    # Row order: the sessions files' (bucket, then session id): deterministic without a sort.
-    seqs = pl.read_parquet(session_files(sessions_dir))
-    if seqs.height == 0:
+    files = session_files(sessions_dir)
+    overview = pl.scan_parquet(files).select(
+        pl.len().alias("n"), pl.col(START_TS).min().alias("t_min"), pl.col(END_TS).max().alias("t_max")
+    ).collect().row(0, named=True)
+    if overview["n"] == 0:
         raise ValueError(f"{sessions_dir} holds no sequences: nothing to split (check the sessions filters)")
-    n_events = int(seqs[ITEMS].list.len().sum())
 
     stats: dict[str, Any] = {"protocol": config.split.protocol}
+    min_length = config.sessions.min_length
     if config.split.protocol == "temporal":
-        t_min, t_max = seqs[START_TS].min(), seqs[END_TS].max()
-        valid_cut, test_cut = temporal_cutoffs(config.split, t_min, t_max)  # type: ignore[arg-type]
-        parts = temporal_split(seqs, valid_cut, test_cut, config.sessions.min_length)
+        t_min, t_max = overview["t_min"], overview["t_max"]
+        valid_cut, test_cut = temporal_cutoffs(config.split, t_min, t_max)
         stats.update(time_min=_iso(t_min), time_max=_iso(t_max),
                      valid_cutoff=_iso(valid_cut), test_cutoff=_iso(test_cut))
-    else:
-        parts = leave_one_out_split(seqs, config.sessions.min_length)
-    if parts["train"].height == 0:
-        raise ValueError("the split left train empty: move the cutoffs later or lower sessions.min_length")
-    vocab = Vocab.from_items(parts["train"][ITEMS].explode())
 
-    stats["sequences"] = {
-        "sequences": seqs.height,
-        "events": n_events,
-        "users": seqs[USER_ID].n_unique(),
-        "items": int(seqs[ITEMS].explode().n_unique()),
-        "length": length_summary(seqs[ITEMS].list.len().to_numpy()),
-    }
-    stats["vocab_size"] = len(vocab)
-    stats["splits"] = {
-        name: split_summary(frame, vocab, is_train=name == "train") for name, frame in parts.items()
-    }
-    stats["sessions_stage"] = read_json(sessions_dir / SESSIONS_STATS_FILE)
-    stats["ingest"] = (stats["sessions_stage"] or {}).get("ingest") or find_ingest_report(
-        config.paths.events_dir
-    )
+        def cut(seqs: pl.DataFrame) -> dict[str, pl.DataFrame]:
+            return temporal_split(seqs, valid_cut, test_cut, min_length)
+    else:
+        def cut(seqs: pl.DataFrame) -> dict[str, pl.DataFrame]:
+            return leave_one_out_split(seqs, min_length)
+
     tmp = fresh_tmp_dir(out_dir)
     try:
-        for name, frame in parts.items():
-            frame.write_parquet(tmp / _FILES[name])
+        whole = _SplitCounts()
+        counts = {name: _SplitCounts() for name in SPLITS}
+        train_items: list[pl.Series] = []
+        with _SplitWriters(tmp) as writers:
+            for path in files:
+                seqs = pl.read_parquet(path)
+                whole.add(seqs.with_columns(pl.lit(0, pl.Int32).alias(N_CONTEXT)))
+                for name, frame in cut(seqs).items():
+                    writers.write(name, frame)
+                    counts[name].add(frame, keep_items=name != "train")
+                    if name == "train":
+                        train_items.append(frame[ITEMS].explode())
+        if counts["train"].sequences == 0:
+            raise ValueError("the split left train empty: move the cutoffs later or lower "
+                             "sessions.min_length")
+        vocab = Vocab.from_items(pl.concat(train_items))
+        del train_items
         vocab.save(tmp / VOCAB_FILE)
+
+        stats["sequences"] = whole.sequence_stats()
+        stats["vocab_size"] = len(vocab)
+        stats["splits"] = {name: counts[name].summary(vocab if name != "train" else None) for name in SPLITS}
+        stats["sessions_stage"] = read_json(sessions_dir / SESSIONS_STATS_FILE)
+        stats["ingest"] = (stats["sessions_stage"] or {}).get("ingest") or find_ingest_report(
+            config.paths.events_dir
+        )
         elapsed = time.perf_counter() - started
+        n_events = stats["sequences"]["events"]
         stats["seconds"] = round(elapsed, 3)
         stats["events_per_second"] = round(n_events / elapsed) if elapsed > 0 else None
         (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2, default=str))
@@ -114,6 +131,89 @@ def split_sessions(
     log.info("split (%s): %s -> %s in %.1f s", stats["protocol"],
              {k: v["sequences"] for k, v in stats["splits"].items()}, out_dir, elapsed)
     return stats
+
+
+class _SplitWriters:
+    """One Parquet writer per split file, appended to one sessions file at a time."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.writers: dict[str, pq.ParquetWriter] = {}
+
+    def write(self, name: str, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        if name not in self.writers:
+            path = self.out_dir / _FILES[name]
+            self.writers[name] = pq.ParquetWriter(path, table.schema, compression="zstd")
+        self.writers[name].write_table(table)
+
+    def __enter__(self) -> _SplitWriters:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+class _SplitCounts:
+    """Counts of one split, accumulated over sessions files; unseen items are resolved at the end."""
+
+    def __init__(self) -> None:
+        self.sequences = self.events = self.targets = self.context_events = 0
+        self.users: list[pl.Series] = []
+        self.lengths: list[np.ndarray] = []
+        self.items: list[pl.Series] = []  # distinct items
+        self.target_items: list[pl.Series] = []  # every target, for the unseen counts
+        self.context_items: list[pl.Series] = []
+
+    def add(self, frame: pl.DataFrame, keep_items: bool = False) -> None:
+        lengths = frame[ITEMS].list.len().to_numpy().astype(np.int64)
+        n_context = frame[N_CONTEXT].to_numpy().astype(np.int64)
+        flat = frame[ITEMS].explode()
+        position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        is_target = position >= np.repeat(np.maximum(n_context, 1), lengths)
+        self.sequences += frame.height
+        self.events += int(lengths.sum())
+        self.targets += int(is_target.sum())
+        self.context_events += int(np.minimum(n_context, lengths).sum())
+        self.users.append(frame[USER_ID].unique())
+        self.lengths.append(lengths)
+        self.items.append(flat.unique())
+        if keep_items:
+            self.target_items.append(flat.filter(pl.Series(is_target)))
+            self.context_items.append(flat.filter(pl.Series(~is_target)))
+
+    def _n_unique(self, parts: list[pl.Series]) -> int:
+        return pl.concat(parts).n_unique() if parts else 0
+
+    def sequence_stats(self) -> dict[str, Any]:
+        return {
+            "sequences": self.sequences,
+            "events": self.events,
+            "users": self._n_unique(self.users),
+            "items": self._n_unique(self.items),
+            "length": length_summary(np.concatenate(self.lengths) if self.lengths else np.zeros(0)),
+        }
+
+    def summary(self, vocab: Vocab | None) -> dict[str, Any]:
+        """Counts of the split; ``vocab`` None (train: its items are the vocabulary) skips the look-ups."""
+        unseen_targets = unseen_items = unseen_context = 0
+        if vocab is not None and self.target_items:
+            targets = pl.concat(self.target_items)
+            unseen = pl.Series(vocab.index_of(targets) < 0)
+            unseen_targets, unseen_items = int(unseen.sum()), targets.filter(unseen).n_unique()
+            unseen_context = int((vocab.index_of(pl.concat(self.context_items)) < 0).sum())
+        return {
+            "sequences": self.sequences,
+            "users": self._n_unique(self.users),
+            "events": self.events,
+            "targets": self.targets,
+            "context_events": self.context_events,
+            "unseen_targets": unseen_targets,
+            "unseen_target_fraction": round(unseen_targets / self.targets, 6) if self.targets else 0.0,
+            "unseen_target_items": unseen_items,
+            "unseen_context_events": unseen_context,
+        }
 
 
 def temporal_cutoffs(cfg: SplitConfig, t_min: datetime, t_max: datetime) -> tuple[datetime, datetime]:
@@ -195,30 +295,6 @@ def _epoch_us(t: datetime) -> int:
     t = t if t.tzinfo else t.replace(tzinfo=UTC)
     delta = t - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def split_summary(frame: pl.DataFrame, vocab: Vocab, is_train: bool = False) -> dict[str, Any]:
-    """Sequences, events, targets and unseen-item counts of one split file's frame."""
-    lengths = frame[ITEMS].list.len().to_numpy().astype(np.int64)
-    n_context = frame[N_CONTEXT].to_numpy().astype(np.int64)
-    flat = frame[ITEMS].explode()
-    position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    is_target = position >= np.repeat(np.maximum(n_context, 1), lengths)
-    # train items are the vocabulary by construction: skip the look-up there
-    known = np.ones(len(flat), dtype=bool) if is_train else vocab.index_of(flat) >= 0
-    targets = int(is_target.sum())
-    unseen_targets = int((is_target & ~known).sum())
-    return {
-        "sequences": frame.height,
-        "users": frame[USER_ID].n_unique(),
-        "events": int(lengths.sum()),
-        "targets": targets,
-        "context_events": int(np.minimum(n_context, lengths).sum()),
-        "unseen_targets": unseen_targets,
-        "unseen_target_fraction": round(unseen_targets / targets, 6) if targets else 0.0,
-        "unseen_target_items": int(flat.filter(pl.Series(is_target & ~known)).n_unique()),
-        "unseen_context_events": int((~is_target & ~known).sum()),
-    }
 
 
 def _iso(t: Any) -> str:

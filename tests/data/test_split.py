@@ -14,7 +14,7 @@ from rich.console import Console
 from test_sessions import write_events
 from typer.testing import CliRunner
 
-from recsys.config import Config, PathsConfig, SplitConfig
+from recsys.config import Config, PathsConfig, SessionsConfig, SplitConfig
 from recsys.data.sequences import load_sequences
 from recsys.data.sessions import sessions_schema
 from recsys.data.split import split_sessions, temporal_cutoffs
@@ -224,3 +224,31 @@ def test_unseen_counted_without_any_context_and_empty_valid(tmp_path):
     assert stats["splits"]["test"]["unseen_targets"] == 1 and stats["splits"]["valid"]["targets"] == 0
     vocab = Vocab.load(split_dir / "vocab.parquet")
     assert load_sequences(split_dir / "valid.parquet", vocab).n_sequences == 0
+
+
+@pytest.mark.parametrize("protocol", ["temporal", "leave_one_out"])
+def test_split_of_many_sessions_files_matches_one_file(tmp_path, protocol):
+    from test_sessions import random_rows
+
+    from recsys.data.sessions import build_sessions
+
+    config = Config(paths=PathsConfig(data_root=tmp_path / "data"),
+                    sessions=SessionsConfig(mode="gap", gap_minutes=600, min_item_support=2),
+                    split=SplitConfig(protocol=protocol))
+    write_events(config.paths.events_dir, random_rows(2000, seed=5), user_dtype=pl.String)
+    results = []
+    for n_buckets in (1, 5):
+        config.sessions.n_buckets = n_buckets
+        build_sessions(config, out_dir=tmp_path / f"s{n_buckets}")
+        out = tmp_path / f"split{n_buckets}"
+        stats = split_sessions(config, tmp_path / f"s{n_buckets}", out)
+        frames = {n: pl.read_parquet(out / f"{n}.parquet").sort("session_id")
+                  for n in ("train", "valid", "test")}
+        frames["vocab"] = pl.read_parquet(out / "vocab.parquet")
+        results.append((stats, frames))
+    (s1, f1), (s5, f5) = results
+    assert s1["splits"] == s5["splits"] and s1["sequences"] == s5["sequences"]
+    assert s1["splits"]["test"]["targets"] > 0 and s1["splits"]["valid"]["targets"] > 0
+    for name in ("train", "valid", "test"):
+        assert f1[name].equals(f5[name])
+    assert f1["vocab"].sort("idx").equals(f5["vocab"].sort("idx"))
