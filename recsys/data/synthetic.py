@@ -123,7 +123,9 @@ def derived_sizes(cfg: GenerateConfig) -> dict[str, int]:
     """Users, series and films for the configured size (explicit settings win)."""
     root = np.sqrt(cfg.n_events)
     return {
-        "users": cfg.n_users or max(10, round(cfg.n_events / cfg.events_per_user)),
+        # enough users that nobody needs more than ~8 titles a day (short periods)
+        "users": cfg.n_users or max(10, round(cfg.n_events / cfg.events_per_user),
+                                    -(-cfg.n_events // (cfg.days * 8))),
         "series": cfg.n_series or int(np.clip(round(root / 3), 12, 50_000)),
         "films": cfg.n_films or int(np.clip(round(root / 1.5), 12, 100_000)),
     }
@@ -230,7 +232,15 @@ def _user_activity(cfg: GenerateConfig, n_users: int, rng: np.random.Generator) 
     expected_resumes = cfg.partial_fraction * RESUME_PROB
     target = cfg.n_events / (1 + expected_resumes)
     cap = max(4, cfg.days * 16)  # nobody watches more than ~16 titles a day on average
-    n_u = np.clip(np.round(a * target / a.sum()), 2, cap).astype(np.int64)
+    scale = target / a.sum()
+    for _ in range(8):  # re-scale so the capped activities still add up to the target
+        n_u = np.clip(np.round(a * scale), 2, cap).astype(np.int64)
+        if n_u.sum() >= 0.995 * target or (n_u == cap).all():
+            break
+        scale *= target / max(n_u.sum(), 1)
+    if n_u.sum() < 0.9 * target:
+        log.warning("only %d of %d events fit %d users over %d days: raise n_users or days",
+                    n_u.sum(), cfg.n_events, n_users, cfg.days)
     return n_u
 
 

@@ -172,3 +172,12 @@ def test_cli_generate_prints_summary(tmp_path):
                                    "--set", "generate.n_events=5000", "--set", "generate.seed=3"])
     assert res.exit_code == 0, res.output
     assert "events" in res.output and (out / CATALOGUE_FILE).is_file()
+
+
+@pytest.mark.parametrize("overrides", [("generate.days=1",), ("generate.series_share=0",),
+                                       ("generate.series_share=1", "generate.activity_sigma=0"),
+                                       ("generate.n_series=1", "generate.n_films=1")])
+def test_extreme_settings_still_reach_the_size(tmp_path, overrides):
+    result = generate(_config(tmp_path, "generate.n_events=3000", *overrides), tmp_path / "x")
+    assert abs(result["events"] - 3000) < 300
+    assert _clean(_events(tmp_path / "x")).height > 0.95 * result["events"]
