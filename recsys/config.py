@@ -185,8 +185,9 @@ class TrainConfig(Section):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA only
-    compile: bool = False
-    threads: int | None = Field(None, ge=1)  # torch CPU threads; None keeps torch's default
+    compile: bool = False  # torch.compile the step's forward/backward (CUDA: measure before enabling)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads for the training step; None = 1 (fastest measured)
+    run_name: str = "gru4rec"  # checkpoints go to paths.checkpoints_dir / run_name
 
 
 class EvaluateConfig(Section):

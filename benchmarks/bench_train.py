@@ -1,0 +1,388 @@
+"""GRU4Rec benchmark: accuracy (MovieLens, leave-one-out and temporal) vs baselines, and CPU training speed.
+
+    .venv/bin/python benchmarks/bench_train.py [--part accuracy,speed,temporal] [--seeds 3]
+        [--device cpu|cuda]
+
+Prints a rich table and writes ``benchmarks/results/bench_train.json``. The MovieLens files are read
+from ``../shared/data`` (or ``--data``), never copied into the repository. Splits are built by the
+project's own pipeline (ingest -> sessions -> split) when it is importable; otherwise by a direct polars
+reader that applies the same protocol (whole-user sequences, sorted by time then item id).
+
+ML100K_OVERRIDES are the tuned settings for ml-100k leave-one-out (chosen on the *validation* split,
+see benchmarks/tune_ml100k.py); the test numbers below use them unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from recsys.config import Config, load_config  # noqa: E402
+from recsys.data.vocab import Vocab  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.json"
+
+# Tuned on ml-100k leave-one-out validation (benchmarks/tune_ml100k.py); also documented in the README.
+ML100K_OVERRIDES: dict[str, dict] = {
+    "model": {"hidden_size": 100, "dropout_embed": 0.0, "dropout_hidden": 0.0},
+    "train": {
+        "loss": "cross_entropy",
+        "batch_size": 64,
+        "n_sample": 2048,
+        "sample_alpha": 0.5,
+        "learning_rate": 0.05,
+        "momentum": 0.0,
+        "epochs": 10,
+        "patience": 3,
+    },
+}
+# The speed setting the issue fixes (hidden 100, batch 64, n_sample 512, cross-entropy, shared embedding).
+SPEED_OVERRIDES: dict[str, dict] = {
+    "model": {
+        "hidden_size": 100,
+        "embedding": "shared",
+        "n_layers": 1,
+        "dropout_embed": 0.0,
+        "dropout_hidden": 0.0,
+    },
+    "train": {"loss": "cross_entropy", "batch_size": 64, "n_sample": 512, "epochs": 1},
+}
+REFERENCE = {  # original authors' PyTorch GRU4Rec under this protocol (issue 3), mean of 3 seeds
+    "gru4rec (reference)": {
+        "masked": {"recall@20": 0.300, "mrr@20": 0.080},
+        "unmasked": {"recall@20": 0.215, "mrr@20": 0.056, "ndcg@10": 0.070},
+    },
+    "most-popular (reference)": {"unmasked": {"recall@20": 0.083, "mrr@20": 0.016}},
+}
+SPLIT_COLUMNS = {"user_id": pl.Int64, "items": pl.List(pl.Int64), "n_context": pl.Int32}
+
+
+def load_avg() -> str:
+    """``uptime`` load averages: the machine is shared, so every figure is reported beside it."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --- splits ----------------------------------------------------------------------------------------
+
+
+def read_ratings(dataset: str, data: Path) -> pl.DataFrame:
+    """(user_id, item_id, ts seconds) of a MovieLens file, sorted by user, time, item."""
+    if dataset == "ml-100k":
+        df = pl.read_csv(
+            data / "ml-100k" / "u.data",
+            separator="\t",
+            has_header=False,
+            new_columns=["user_id", "item_id", "rating", "ts"],
+        )
+    else:
+        df = pl.read_csv(data / "ml-latest-small" / "ratings.csv").rename(
+            {"userId": "user_id", "movieId": "item_id", "timestamp": "ts"}
+        )
+    return df.select("user_id", "item_id", "ts").sort(["user_id", "ts", "item_id"])
+
+
+def _write(out: Path, name: str, frame: pl.DataFrame) -> None:
+    frame.select(pl.col(k).cast(v) for k, v in SPLIT_COLUMNS.items()).write_parquet(out / name)
+
+
+def write_split_direct(df: pl.DataFrame, protocol: str, out: Path) -> Path:
+    """The split contract built directly (fallback while the pipeline stages are not importable)."""
+    out.mkdir(parents=True, exist_ok=True)
+    seqs = df.group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"), pl.col("ts"))
+    seqs = seqs.filter(pl.col("items").list.len() >= 3)
+    if protocol == "leave_one_out":
+        n = pl.col("items").list.len()
+        train = seqs.select("user_id", pl.col("items").list.head(n - 2), n_context=pl.lit(0))
+        valid = seqs.select("user_id", pl.col("items").list.head(n - 1), n_context=n - 2)
+        test = seqs.select("user_id", "items", n_context=n - 1)
+    else:  # temporal: test = last 10% of the time range, valid = the 10% before it
+        lo, hi = df["ts"].min(), df["ts"].max()
+        test_cut = hi - 0.1 * (hi - lo)
+        valid_cut = test_cut - 0.1 * (hi - lo)
+        before = lambda cut: pl.col("ts").list.eval(pl.element() < cut).list.sum()  # noqa: E731
+        train = seqs.select("user_id", pl.col("items").list.head(before(valid_cut)), n_context=pl.lit(0))
+        valid = seqs.select(
+            "user_id", pl.col("items").list.head(before(test_cut)), n_context=before(valid_cut)
+        )
+        valid = valid.filter(pl.col("items").list.len() > pl.col("n_context"))
+        test = seqs.select("user_id", "items", n_context=before(test_cut))
+        test = test.filter(pl.col("items").list.len() > pl.col("n_context"))
+    _write(out, "train.parquet", train)
+    _write(out, "valid.parquet", valid)
+    _write(out, "test.parquet", test)
+    Vocab.from_items(train["items"].explode().drop_nulls()).save(out / "vocab.parquet")
+    return out
+
+
+def prepare_split(dataset: str, protocol: str, data: Path, root: Path) -> tuple[Path, str]:
+    """Split directory for one dataset/protocol; (path, how it was built)."""
+    config = bench_config(root, protocol)
+    try:
+        from recsys.data.ingest import ingest_files
+        from recsys.data.sessions import build_sessions
+        from recsys.data.split import split_sessions
+    except ImportError:
+        return write_split_direct(
+            read_ratings(dataset, data), protocol, root / "split"
+        ), "direct polars reader"
+    src = data / "ml-100k" / "u.data" if dataset == "ml-100k" else data / "ml-latest-small" / "ratings.csv"
+    config.ingest.preset = "movielens-100k" if dataset == "ml-100k" else "movielens-csv"
+    ingest_files([src], config)
+    build_sessions(config)
+    split_sessions(config)
+    return config.paths.split_dir, "recsys pipeline (ingest -> sessions -> split)"
+
+
+def bench_config(
+    root: Path, protocol: str, overrides: dict[str, dict] | None = None, extra: list[str] = ()
+) -> Config:
+    values = {
+        "paths": {"data_root": str(root)},
+        "sessions": {"mode": "user", "min_item_support": 1, "max_length": None, "min_length": 3},
+        "split": {"protocol": protocol},
+    }
+    for section, kv in (overrides or {}).items():
+        values.setdefault(section, {}).update(kv)
+    return load_config(Path(__file__).resolve().parent.parent / "conf", list(extra), values)
+
+
+# --- parts -----------------------------------------------------------------------------------------
+
+
+def run_accuracy(
+    split_dir: Path, root: Path, protocol: str, overrides: dict, seeds: list[int], device: str, log
+) -> dict:
+    """Train per seed; test metrics masked (exclude_seen) and unmasked, mean over seeds; baselines once."""
+    from recsys.evaluate import evaluate_all
+    from recsys.model.checkpoint import build_model, load_checkpoint
+    from recsys.model.recommender import GRU4RecRecommender
+    from recsys.train import train_model
+
+    per_seed = []
+    for seed in seeds:
+        cfg = bench_config(
+            root,
+            protocol,
+            overrides,
+            [f"train.seed={seed}", f"train.device={device}", f"train.run_name=bench-{protocol}-{seed}"],
+        )
+        t0 = time.perf_counter()
+        res = train_model(cfg, split_dir, evaluate_test=False)
+        seconds = time.perf_counter() - t0
+        model = build_model(load_checkpoint(res.best_checkpoint), device)
+        row = {
+            "seed": seed,
+            "best_epoch": res.best_epoch,
+            "train_seconds": seconds,
+            "events_per_second": float(np.mean([h["events_per_second"] for h in res.history])),
+            "valid_mrr@20": res.history[res.best_epoch - 1]["valid"]["mrr@20"],
+        }
+        for masked in (True, False):
+            cfg_m = cfg.model_copy(deep=True)
+            cfg_m.evaluate.exclude_seen = masked
+            rows = evaluate_all(
+                cfg_m,
+                split_dir,
+                {"gru4rec": GRU4RecRecommender(model, device)},
+                split="test",
+                baselines=(seed == seeds[0]),
+                device=device,
+            )
+            row["masked" if masked else "unmasked"] = {name: m for name, m in rows.items()}
+        per_seed.append(row)
+        log(
+            f"  seed {seed}: best epoch {res.best_epoch}, masked R@20 "
+            f"{row['masked']['gru4rec']['recall@20']:.4f} MRR@20 {row['masked']['gru4rec']['mrr@20']:.4f} "
+            f"({seconds:.0f} s, load {load_avg()})"
+        )
+    summary: dict = {"seeds": seeds, "per_seed": per_seed, "load": load_avg()}
+    for view in ("masked", "unmasked"):
+        gru = [r[view]["gru4rec"] for r in per_seed]
+        summary[view] = {
+            "gru4rec": {
+                k: float(np.mean([g[k] for g in gru])) for k in gru[0] if isinstance(gru[0][k], float)
+            },
+            "gru4rec_std": {k: float(np.std([g[k] for g in gru])) for k in ("recall@20", "mrr@20")},
+        }
+        for name in ("item-knn", "most-popular"):
+            summary[view][name] = per_seed[0][view][name]
+    return summary
+
+
+def run_speed(split_dir: Path, root: Path, device: str, threads: int | None, log) -> dict:
+    """Training events/s of one epoch at the fixed speed setting (no validation in the timed part)."""
+    import torch
+
+    from recsys.data.sequences import load_sequences
+    from recsys.model.batching import plan_epoch
+    from recsys.model.gru4rec import GRU4Rec
+    from recsys.model.step import SessionParallelTrainer
+    from recsys.train import _cpu_threads, resolve_device
+
+    cfg = bench_config(root, "leave_one_out", SPEED_OVERRIDES, [f"train.device={device}"])
+    dev = resolve_device(cfg.train.device)
+    vocab = Vocab.load(split_dir / "vocab.parquet")
+    train = load_sequences(split_dir / "train.parquet", vocab)
+    torch.manual_seed(0)
+    model = GRU4Rec(len(vocab), cfg.model).to(dev)
+    trainer = SessionParallelTrainer(model, cfg.train, vocab.counts, dev)
+    out = {"device": str(dev), "threads": threads or 1, "epochs": []}
+    t_plan = time.perf_counter()
+    plan = plan_epoch(train, cfg.train.batch_size, np.random.default_rng(0))
+    dplan = plan.to_torch(dev)
+    out["plan_seconds"] = time.perf_counter() - t_plan
+    with _cpu_threads(dev, threads):
+        for epoch in range(1, 4):
+            load_before = load_avg()
+            t0 = time.perf_counter()
+            trainer.run_epoch(dplan, epoch)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            sec = time.perf_counter() - t0
+            out["epochs"].append(
+                {
+                    "seconds": sec,
+                    "events_per_second": plan.n_events / sec,
+                    "load_before": load_before,
+                    "load_after": load_avg(),
+                }
+            )
+            log(
+                f"  speed epoch {epoch}: {plan.n_events / sec:,.0f} events/s ({sec:.2f} s, load {load_avg()})"
+            )
+    out["n_events"] = plan.n_events
+    out["n_steps"] = plan.n_steps
+    out["best_events_per_second"] = max(e["events_per_second"] for e in out["epochs"])
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def print_tables(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for key, title in (
+        ("accuracy", "ml-100k leave-one-out, test, full ranking, conservative ties"),
+        ("temporal", "ml-latest-small temporal, test"),
+    ):
+        if key not in result:
+            continue
+        acc = result[key]
+        table = Table(title=f"{title} (mean of {len(acc['seeds'])} seeds; load {acc['load']})")
+        for col in ("model", "view", "Recall@20", "MRR@20", "NDCG@10", "Recall@10", "coverage@20"):
+            table.add_column(col)
+        for view in ("masked", "unmasked"):
+            for name in ("gru4rec", "item-knn", "most-popular"):
+                m = acc[view][name]
+                table.add_row(
+                    name,
+                    view,
+                    f"{m['recall@20']:.4f}",
+                    f"{m['mrr@20']:.4f}",
+                    f"{m['ndcg@10']:.4f}",
+                    f"{m['recall@10']:.4f}",
+                    f"{m.get('coverage@20', float('nan')):.3f}",
+                )
+        if key == "accuracy":
+            for name, views in REFERENCE.items():
+                for view, m in views.items():
+                    table.add_row(
+                        name,
+                        view,
+                        f"{m['recall@20']:.3f}",
+                        f"{m['mrr@20']:.3f}",
+                        f"{m.get('ndcg@10', float('nan')):.3f}",
+                        "",
+                        "",
+                    )
+        console.print(table)
+    if "speed" in result:
+        sp = result["speed"]
+        table = Table(
+            title="training speed, ml-100k, hidden 100, batch 64, n_sample 512, cross-entropy, shared"
+        )
+        for col in ("epoch", "events/s", "seconds", "load before", "load after"):
+            table.add_column(col)
+        for i, e in enumerate(sp["epochs"], 1):
+            table.add_row(
+                str(i),
+                f"{e['events_per_second']:,.0f}",
+                f"{e['seconds']:.2f}",
+                e["load_before"],
+                e["load_after"],
+            )
+        console.print(table)
+        console.print(
+            f"device {sp['device']}, threads {sp['threads']}, peak RSS {sp['peak_rss_mb']:.0f} MB, "
+            f"reference GRU4Rec 14,100 events/s idle, target 30,000"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="accuracy,speed,temporal")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    parts = set(args.part.split(","))
+    seeds = list(range(1, args.seeds + 1))
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    result: dict = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_start": load_avg(),
+        "overrides_ml100k": ML100K_OVERRIDES,
+        "git": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        if parts & {"accuracy", "speed"}:
+            root = Path(tmp) / "ml100k"
+            split_dir, how = prepare_split("ml-100k", "leave_one_out", args.data, root)
+            result["split_ml100k"] = how
+            if "speed" in parts:
+                log(f"speed (load {load_avg()})")
+                result["speed"] = run_speed(split_dir, root, args.device, args.threads, log)
+            if "accuracy" in parts:
+                log(f"accuracy ml-100k leave-one-out (load {load_avg()})")
+                result["accuracy"] = run_accuracy(
+                    split_dir, root, "leave_one_out", ML100K_OVERRIDES, seeds, args.device, log
+                )
+        if "temporal" in parts:
+            root = Path(tmp) / "mlsmall"
+            split_dir, how = prepare_split("ml-latest-small", "temporal", args.data, root)
+            result["split_mlsmall"] = how
+            log(f"temporal ml-latest-small (load {load_avg()})")
+            result["temporal"] = run_accuracy(
+                split_dir, root, "temporal", ML100K_OVERRIDES, seeds, args.device, log
+            )
+    result["load_end"] = load_avg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    print_tables(result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

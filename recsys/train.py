@@ -1,0 +1,310 @@
+"""Train GRU4Rec on a split directory: epochs, validation, checkpoints, resume, early stopping, test.
+
+Every epoch ends with a validation MRR@20 and a full checkpoint (``last.pt``: model, optimiser, sampler,
+RNG states, history) so a killed run resumes exactly where it stopped and reaches the same weights as an
+uninterrupted one; the best epoch is kept as ``best.pt``. After training the best model and both
+baselines are evaluated on the test split through the one evaluation code path (recsys.evaluate).
+MLflow is deliberately absent: ``on_epoch`` lets a caller log each epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsys.config import Config
+from recsys.data.sequences import SequenceSet, load_sequences
+from recsys.data.vocab import Vocab
+from recsys.evaluate import evaluate_all, evaluate_recommender, resolve_exclude_seen
+from recsys.model.batching import plan_epoch
+from recsys.model.checkpoint import build_model, load_checkpoint, save_checkpoint
+from recsys.model.gru4rec import GRU4Rec
+from recsys.model.recommender import GRU4RecRecommender
+from recsys.model.step import NonFiniteLossError, SessionParallelTrainer
+from recsys.schemas import TRAIN_FILE, VALID_FILE, VOCAB_FILE
+
+log = logging.getLogger(__name__)
+
+LAST = "last.pt"
+BEST = "best.pt"
+SELECT_METRIC = "mrr@20"
+MODEL_NAME = "gru4rec"
+
+__all__ = ["NonFiniteLossError", "TrainResult", "resolve_device", "train_model"]
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Path
+    history: list[dict[str, Any]]
+    test_metrics: dict[str, float]
+    baseline_metrics: dict[str, dict[str, float]]
+    device: str
+    n_items: int
+    best_epoch: int = 0
+    stopped_early: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for ``cuda`` without it is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+@contextmanager
+def _cpu_threads(device: torch.device, threads: int | None):
+    """The training step is latency bound at GRU4Rec sizes: one thread was fastest on 2 cores (measured)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _Progress:
+    """Rich progress bar on a terminal, periodic plain log lines otherwise."""
+
+    def __init__(self, epoch: int, n_steps: int, n_events: int) -> None:
+        self.epoch, self.n_steps, self.n_events = epoch, n_steps, n_events
+        self.t0 = time.perf_counter()
+        self.last_log = self.t0
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn(f"epoch {epoch}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TextColumn("{task.fields[rate]:>9,.0f} ev/s  loss {task.fields[loss]:.4f}"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self.task = self.bar.add_task("train", total=n_steps, rate=0.0, loss=float("nan"))
+            self.bar.start()
+
+    def update(self, done: int, losses: torch.Tensor) -> None:
+        now = time.perf_counter()
+        rate = self.n_events * done / max(self.n_steps, 1) / max(now - self.t0, 1e-9)
+        if self.bar is not None:
+            loss = float(losses[max(0, done - 50) : done].mean())
+            self.bar.update(self.task, completed=done, rate=rate, loss=loss)
+        elif now - self.last_log >= 10 or done == self.n_steps:
+            loss = float(losses[max(0, done - 50) : done].mean())
+            log.info(
+                "epoch %d: step %d/%d, %.0f events/s, loss %.4f", self.epoch, done, self.n_steps, rate, loss
+            )
+            self.last_log = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _validate(model: GRU4Rec, valid: SequenceSet, config: Config, device: torch.device) -> dict[str, float]:
+    cutoffs = sorted(set(config.evaluate.cutoffs) | {20})
+    rec = GRU4RecRecommender(model, device, name=MODEL_NAME)
+    return evaluate_recommender(
+        rec,
+        valid,
+        cutoffs=cutoffs,
+        exclude_seen=resolve_exclude_seen(config),
+        chunk_size=config.evaluate.chunk_size,
+        device=device,
+    )
+
+
+def train_model(
+    config: Config,
+    split_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+    *,
+    evaluate_test: bool = True,
+) -> TrainResult:
+    """Train, validate every epoch, checkpoint, early-stop on validation MRR@20, then test best vs baselines.
+
+    ``resume=True`` continues from ``checkpoint_dir/last.pt`` when present (a fresh start otherwise).
+    ``evaluate_test=False`` skips the final test evaluation (tuning on validation only).
+    """
+    cfg = config.train
+    split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
+    checkpoint_dir = (
+        Path(checkpoint_dir) if checkpoint_dir is not None else (config.paths.checkpoints_dir / cfg.run_name)
+    )
+    device = resolve_device(cfg.device)
+    for name in (TRAIN_FILE, VALID_FILE, VOCAB_FILE):
+        if not (split_dir / name).exists():
+            raise FileNotFoundError(f"{split_dir / name} is missing: run the split stage first")
+    vocab = Vocab.load(split_dir / VOCAB_FILE)
+    train = load_sequences(split_dir / TRAIN_FILE, vocab)
+    valid = load_sequences(split_dir / VALID_FILE, vocab)
+    n_items = len(vocab)
+    if n_items == 0 or train.lengths.max(initial=0) < 2:
+        raise ValueError(f"{split_dir}: no training sequence with two or more known items")
+
+    torch.manual_seed(cfg.seed)
+    model = GRU4Rec(n_items, config.model).to(device)
+    trainer = SessionParallelTrainer(model, cfg, vocab.counts, device)
+    history: list[dict[str, Any]] = []
+    best_metric, best_epoch, bad_epochs, start_epoch, finished = -1.0, 0, 0, 1, False
+
+    last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path, map_location=device)
+        if ckpt.n_items != n_items:
+            raise ValueError(
+                f"{last_path} has {ckpt.n_items} items but {split_dir} has {n_items}: not the same run"
+            )
+        model.load_state_dict(ckpt.model_state)
+        trainer.load_state_dict(ckpt.optimizer_state)
+        _set_rng_state(ckpt.extra["rng"], device)
+        history = list(ckpt.extra["history"])
+        best_metric, best_epoch = float(ckpt.extra["best_metric"]), int(ckpt.extra["best_epoch"])
+        # an early stop is final; reaching the old epoch limit is not (resume may raise train.epochs)
+        bad_epochs, finished = int(ckpt.extra["bad_epochs"]), bool(ckpt.extra["stopped_early"])
+        start_epoch = ckpt.epoch + 1
+        log.info(
+            "resuming %s after epoch %d (best %s %.4f at epoch %d)",
+            last_path,
+            ckpt.epoch,
+            SELECT_METRIC,
+            best_metric,
+            best_epoch,
+        )
+    elif resume:
+        log.info("no checkpoint at %s: starting fresh", last_path)
+
+    stopped_early = finished
+    epoch = start_epoch
+    while not finished and epoch <= cfg.epochs:
+        plan = plan_epoch(train, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
+        dplan = plan.to_torch(device)
+        progress = _Progress(epoch, plan.n_steps, plan.n_events)
+        t0 = time.perf_counter()
+        try:
+            with _cpu_threads(device, cfg.threads):
+                train_loss = trainer.run_epoch(dplan, epoch, on_steps=progress.update)
+        finally:
+            progress.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        valid_metrics = _validate(model, valid, config, device)
+        entry = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "events_per_second": plan.n_events / seconds,
+            "epoch_seconds": seconds,
+            "valid": valid_metrics,
+        }
+        history.append(entry)
+        score = float(valid_metrics[SELECT_METRIC])
+        improved = score > best_metric
+        if improved:
+            best_metric, best_epoch, bad_epochs = score, epoch, 0
+        else:
+            bad_epochs += 1
+        stopped_early = bad_epochs >= cfg.patience and epoch < cfg.epochs
+        finished = stopped_early or epoch == cfg.epochs
+        log.info(
+            "epoch %d: loss %.4f, %.0f events/s, %.1f s, valid %s %.4f%s",
+            epoch,
+            train_loss,
+            entry["events_per_second"],
+            seconds,
+            SELECT_METRIC,
+            score,
+            " (best)" if improved else "",
+        )
+        metrics = {"train_loss": train_loss, **{f"valid_{k}": v for k, v in valid_metrics.items()}}
+        if improved:
+            save_checkpoint(
+                best_path,
+                model=model,
+                optimizer=None,
+                config=config,
+                vocab=vocab,
+                epoch=epoch,
+                metrics=metrics,
+                extra={"history": history},
+            )
+        save_checkpoint(
+            last_path,
+            model=model,
+            optimizer=trainer,
+            config=config,
+            vocab=vocab,
+            epoch=epoch,
+            metrics=metrics,
+            extra={
+                "rng": _rng_state(device),
+                "history": history,
+                "best_metric": best_metric,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "stopped_early": stopped_early,
+            },
+        )
+        if on_epoch is not None:
+            on_epoch(entry)
+        if stopped_early:
+            log.info(
+                "early stop after epoch %d: no %s gain for %d epochs", epoch, SELECT_METRIC, cfg.patience
+            )
+        epoch += 1
+
+    test_metrics: dict[str, float] = {}
+    baseline_metrics: dict[str, dict[str, float]] = {}
+    if evaluate_test:
+        best = build_model(load_checkpoint(best_path, map_location=device), device)
+        rows = evaluate_all(
+            config,
+            split_dir,
+            {MODEL_NAME: GRU4RecRecommender(best, device, name=MODEL_NAME)},
+            split="test",
+            device=device,
+        )
+        test_metrics = rows.pop(MODEL_NAME)
+        baseline_metrics = rows
+    return TrainResult(
+        best_checkpoint=best_path,
+        history=history,
+        test_metrics=test_metrics,
+        baseline_metrics=baseline_metrics,
+        device=str(device),
+        n_items=n_items,
+        best_epoch=best_epoch,
+        stopped_early=stopped_early,
+    )

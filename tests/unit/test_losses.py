@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from recsys.model.losses import negative_mask, sampled_loss
+
+
+def _lse(xs):
+    return math.log(sum(math.exp(x) for x in xs))
+
+
+def test_cross_entropy_hand_computed():
+    scores = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # columns: target0, target1, one negative
+    loss = sampled_loss(scores, torch.tensor([5, 6, 7]), torch.tensor([5, 6]), None, loss="cross_entropy")
+    want = ((_lse([2, 0, 1]) - 2) + (_lse([0, 1, 0]) - 1)) / 2  # 0.4076 and 0.5514
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert want == pytest.approx(0.47950, abs=1e-4)
+
+
+def test_negative_equal_to_target_is_masked():
+    scores = torch.tensor([[2.0, 0.0, 1.0, 3.0]])
+    # column 3 samples item 5 = row 0's target: it must not count as a negative
+    loss = sampled_loss(scores, torch.tensor([5, 6, 7, 5]), torch.tensor([5]), None, loss="cross_entropy")
+    assert loss.item() == pytest.approx(_lse([2, 0, 1]) - 2, abs=1e-6)
+    mask = negative_mask(torch.tensor([5, 5, 7]), torch.tensor([5, 5]), None)
+    assert mask.tolist() == [[False, True, False], [True, False, False]]  # in-batch duplicate masked too
+
+
+def test_idle_rows_and_columns_are_ignored():
+    scores = torch.tensor([[2.0, 9.0, 1.0], [0.0, 1.0, 0.0]])
+    active = torch.tensor([True, False])
+    loss = sampled_loss(scores, torch.tensor([5, 0, 7]), torch.tensor([5, 0]), active, loss="cross_entropy")
+    assert loss.item() == pytest.approx(_lse([2, 1]) - 2, abs=1e-6)
+
+
+def test_bpr_max_hand_computed():
+    scores = torch.tensor([[1.0, 0.0, 2.0]])  # positive 1.0; negatives 0.0 and 2.0
+    w0, w1 = 1 / (1 + math.e**2), math.e**2 / (1 + math.e**2)  # softmax over the negatives
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    for bpreg in (0.0, 0.5):
+        want = -math.log(w0 * sig(1.0) + w1 * sig(-1.0)) + bpreg * (w0 * 0.0 + w1 * 4.0)
+        got = sampled_loss(
+            scores, torch.tensor([3, 4, 5]), torch.tensor([3]), None, loss="bpr_max", bpreg=bpreg
+        )
+        assert got.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_logq_subtracts_log_sampling_probability():
+    scores = torch.tensor([[1.0, 0.5]])
+    log_prob = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    got = sampled_loss(
+        scores,
+        torch.tensor([0, 1]),
+        torch.tensor([0]),
+        None,
+        loss="cross_entropy",
+        logq=1.0,
+        log_prob=log_prob,
+    )
+    a, b = 1.0 - math.log(0.5), 0.5 - math.log(0.25)
+    assert got.item() == pytest.approx(_lse([a, b]) - a, abs=1e-6)
+
+
+def test_unknown_loss_is_an_error():
+    with pytest.raises(ValueError, match="unknown loss"):
+        sampled_loss(torch.zeros(1, 1), torch.tensor([0]), torch.tensor([0]), None, loss="top1")

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from model_data import cyclic_sequences, write_split_dir
+
+import recsys.model.step as step_module
+from recsys.config import load_config
+from recsys.model.checkpoint import load_checkpoint
+from recsys.train import NonFiniteLossError, train_model
+
+TINY = [
+    "model.hidden_size=16",
+    "train.batch_size=8",
+    "train.n_sample=16",
+    "train.sample_store_batches=3",
+    "sessions.mode=user",
+    "train.device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory):
+    return write_split_dir(tmp_path_factory.mktemp("split"), cyclic_sequences())
+
+
+def _config(tmp_path, *extra):
+    return load_config(overrides=[f"paths.data_root={tmp_path}", *TINY, *extra])
+
+
+def test_trains_beats_popularity_and_checkpoints(tmp_path, split_dir):
+    seen = []
+    res = train_model(_config(tmp_path, "train.epochs=3"), split_dir, on_epoch=seen.append)
+    assert res.best_checkpoint == tmp_path / "checkpoints" / "gru4rec" / "best.pt"
+    assert [e["epoch"] for e in seen] == [1, 2, 3] and set(seen[0]) >= {
+        "train_loss",
+        "events_per_second",
+        "epoch_seconds",
+        "valid",
+    }
+    assert res.test_metrics["mrr@20"] > 2 * res.baseline_metrics["most-popular"]["mrr@20"]
+    assert res.test_metrics["recall@5"] > res.baseline_metrics["most-popular"]["recall@5"]
+    best = max(range(3), key=lambda i: res.history[i]["valid"]["mrr@20"])
+    assert res.best_epoch == best + 1 == load_checkpoint(res.best_checkpoint).epoch
+
+
+def test_resume_reaches_the_same_weights(tmp_path, split_dir):
+    common = ["model.dropout_embed=0.2", "model.dropout_hidden=0.1", "train.momentum=0.3", "train.patience=9"]
+    full = train_model(_config(tmp_path / "a", "train.epochs=2", *common), split_dir, evaluate_test=False)
+    train_model(_config(tmp_path / "b", "train.epochs=1", *common), split_dir, evaluate_test=False)
+    resumed = train_model(
+        _config(tmp_path / "b", "train.epochs=2", *common), split_dir, resume=True, evaluate_test=False
+    )
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    a = load_checkpoint(full.best_checkpoint.with_name("last.pt")).model_state
+    b = load_checkpoint(resumed.best_checkpoint.with_name("last.pt")).model_state
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_names_epoch_and_step(tmp_path, split_dir, monkeypatch):
+    real = step_module.sampled_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(step_module, "sampled_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 4"):
+        train_model(_config(tmp_path, "train.epochs=1"), split_dir, evaluate_test=False)
