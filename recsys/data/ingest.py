@@ -44,6 +44,7 @@ from recsys.data.validate import (
     SAMPLE_ROWS,
     ParsePlan,
     choose_id_type,
+    choose_iso_format,
     choose_ts_mode,
     normalise,
     public_reason,
@@ -127,11 +128,13 @@ def _plans(raws: list[RawInput], config: Config, now: datetime | None) -> list[P
     user_type = choose_id_type(cfg.user_id_type, [s[USER_ID] for s in samples], existing.get(USER_ID))
     item_type = choose_id_type(cfg.item_id_type, [s[ITEM_ID] for s in samples], existing.get(ITEM_ID))
     min_us, max_us = time_bounds(cfg, now)
-    return [
-        ParsePlan(user_type, item_type, choose_ts_mode(s[TS], r.spec.ts_unit), r.spec.ts_unit,
-                  cfg.timezone, min_us, max_us)
-        for r, s in zip(raws, samples, strict=True)
-    ]
+    plans = []
+    for raw, sample in zip(raws, samples, strict=True):
+        mode = choose_ts_mode(sample[TS], raw.spec.ts_unit)
+        iso = choose_iso_format(sample[TS], cfg.timezone) if mode == "iso" else None
+        plans.append(ParsePlan(user_type, item_type, mode, raw.spec.ts_unit, iso, cfg.timezone,
+                               min_us, max_us))
+    return plans
 
 
 def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: Path) -> None:

@@ -44,6 +44,19 @@ BUCKET_BLANK = -2
 US_PER_DAY = 86_400_000_000
 SAMPLE_ROWS = 10_000
 INT_SHARE = 0.99  # "auto" id type: integers when at least this share of sampled ids parse as one
+# One exact format per file is several times faster than trying all of them on every row; the first
+# that parses every sampled value is used, else the general parser below. Fast formats come first.
+_ISO_SINGLE = (
+    ("%Y-%m-%dT%H:%M:%SZ", "utc"),
+    ("%Y-%m-%d %H:%M:%S", "naive"),
+    ("%Y-%m-%dT%H:%M:%S", "naive"),
+    ("%Y-%m-%dT%H:%M:%S%.fZ", "utc"),
+    ("%Y-%m-%dT%H:%M:%S%.f%z", "zoned"),
+    ("%Y-%m-%d %H:%M:%S%.f%z", "zoned"),
+    ("%Y-%m-%dT%H:%M:%S%.f", "naive"),
+    ("%Y-%m-%d %H:%M:%S%.f", "naive"),
+    ("%Y-%m-%d", "naive"),
+)
 _ISO_ZONED = ("%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%d %H:%M%z")
 _ISO_NAIVE = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 _STR = pl.String
@@ -57,6 +70,7 @@ class ParsePlan:
     item_type: pl.DataType
     ts_mode: str  # "numeric" | "iso" | "mixed" (numeric or ISO per row) | "datetime"
     ts_unit: str  # "auto" | "s" | "ms" | "iso"
+    iso_format: tuple[str, str] | None  # (format, "utc"|"zoned"|"naive") when one format fits the file
     timezone: str
     min_us: int
     max_us: int
@@ -114,6 +128,38 @@ def choose_ts_mode(sample: pl.Series, ts_unit: str) -> str:
         return "numeric"
     share = float(s.cast(pl.Float64, strict=False).is_not_null().mean())
     return "numeric" if share == 1.0 else "iso" if share == 0.0 else "mixed"
+
+
+def _parse_single(text: pl.Expr, fmt: tuple[str, str], timezone: str) -> pl.Expr:
+    """Datetime[us, UTC] from text in one known format."""
+    pattern, kind = fmt
+    if kind == "naive":
+        dt = text.str.to_datetime(pattern, strict=False, time_unit="us", time_zone=None)
+        if timezone == "UTC":
+            return dt.dt.replace_time_zone("UTC")
+        local = dt.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
+        return local.dt.convert_time_zone("UTC")
+    return text.str.to_datetime(pattern, strict=False, time_unit="us", time_zone="UTC")
+
+
+def choose_iso_format(sample: pl.Series, timezone: str) -> tuple[str, str] | None:
+    """The first single ISO format that fits the sampled values, or None (the general parser).
+
+    It fits when it parses every sampled value that the general parser can parse: values neither
+    can read are garbage (quarantined either way), while a value only the general parser reads means
+    the file mixes encodings and needs the general parser.
+    """
+    s = sample.cast(_STR).str.strip_chars()
+    s = s.filter(s.is_not_null() & (s != ""))
+    if s.len() == 0:
+        return None
+    frame = s.to_frame("t")
+    general = frame.select(_iso_us(pl.col("t"), timezone).is_not_null()).to_series()
+    for fmt in _ISO_SINGLE:
+        single = frame.select(_parse_single(pl.col("t"), fmt, timezone).is_not_null()).to_series()
+        if not (general & ~single).any() and single.any():
+            return fmt
+    return None
 
 
 def _text(name: str) -> pl.Expr:
@@ -191,13 +237,20 @@ def _ts_us(in_dtype: pl.DataType, plan: ParsePlan) -> tuple[pl.Expr, pl.Expr, pl
         us = pl.when(num_ok).then(num).otherwise(iso)
         parsed = num_ok | iso.is_not_null()
     else:
-        us = _iso_us(text, plan.timezone).cast(pl.Float64)
+        if plan.iso_format is not None:
+            us = _parse_single(text, plan.iso_format, plan.timezone).dt.epoch("us").cast(pl.Float64)
+        else:
+            us = _iso_us(text, plan.timezone).cast(pl.Float64)
         parsed = us.is_not_null()
     return us, text.is_null(), parsed
 
 
 def normalise(raw: RawInput, plan: ParsePlan, file_index: int, n_buckets: int) -> pl.LazyFrame:
-    """Typed events with ``_reason`` (null = good), ``_raw`` (bad rows only) and a staging ``_bucket``."""
+    """Typed events with ``_reason`` (null = good), ``_raw`` (bad rows only) and a staging ``_bucket``.
+
+    Built in stages (typed fields, then checks, then output) so that each parse runs once per row:
+    polars does not share a sub-expression used in several ``when`` branches.
+    """
     schema = raw.frame.collect_schema()
     user, user_null = _id(USER_ID, plan.user_type, schema[USER_ID])
     item, item_null = _id(ITEM_ID, plan.item_type, schema[ITEM_ID])
@@ -208,47 +261,53 @@ def normalise(raw: RawInput, plan: ParsePlan, file_index: int, n_buckets: int) -
         ts_null = ts_null | off_text.is_null()
         ts_parsed = ts_parsed & off.is_not_null()
         us = us + off.cast(pl.Float64) * 1e3
-    in_range = (us >= plan.min_us) & (us <= plan.max_us)
     if WATCH_SECONDS in raw.fields:
         ws_text = _text(WATCH_SECONDS)
         watch = ws_text.cast(pl.Float64, strict=False)
-        watch_bad = ws_text.is_not_null() & ~(watch.is_not_null() & watch.is_finite())
+        watch_bad = ws_text.is_not_null() & ~(watch.is_not_null() & watch.is_finite() & (watch >= 0))
     else:
         watch, watch_bad = pl.lit(None, dtype=pl.Float64), pl.lit(False)
     event_type = _text(EVENT_TYPE) if EVENT_TYPE in raw.fields else pl.lit(None, dtype=_STR)
-    shape = pl.col("_shape")
+    typed = raw.frame.select(
+        pl.col("_row"), pl.col("_raw"), pl.col("_shape"),
+        user.alias(USER_ID), user_null.alias("_user_null"),
+        item.alias(ITEM_ID), item_null.alias("_item_null"),
+        us.alias("_us"), ts_null.alias("_ts_null"), ts_parsed.alias("_ts_parsed"),
+        watch.alias(WATCH_SECONDS), watch_bad.alias("_watch_bad"),
+        event_type.alias(EVENT_TYPE),
+    )
+    c = pl.col
+    in_range = (c("_us") >= plan.min_us) & (c("_us") <= plan.max_us)
     reason = (
-        pl.when(shape.is_not_null()).then(shape)
-        .when(user_null).then(pl.lit(NULL_USER_ID))
-        .when(user.is_null()).then(pl.lit(BAD_USER_ID))
-        .when(item_null).then(pl.lit(NULL_ITEM_ID))
-        .when(item.is_null()).then(pl.lit(BAD_ITEM_ID))
-        .when(ts_null).then(pl.lit(NULL_TS))
-        .when(~ts_parsed).then(pl.lit(BAD_TS))
+        pl.when(c("_shape").is_not_null()).then(c("_shape"))
+        .when(c("_user_null")).then(pl.lit(NULL_USER_ID))
+        .when(c(USER_ID).is_null()).then(pl.lit(BAD_USER_ID))
+        .when(c("_item_null")).then(pl.lit(NULL_ITEM_ID))
+        .when(c(ITEM_ID).is_null()).then(pl.lit(BAD_ITEM_ID))
+        .when(c("_ts_null")).then(pl.lit(NULL_TS))
+        .when(~c("_ts_parsed")).then(pl.lit(BAD_TS))
         .when(~in_range).then(pl.lit(TS_OUT_OF_RANGE))
-        .when(watch_bad).then(pl.lit(BAD_WATCH_SECONDS))
+        .when(c("_watch_bad")).then(pl.lit(BAD_WATCH_SECONDS))
         .otherwise(pl.lit(None, dtype=_STR))
     )
-    ts = pl.when(in_range).then(us).cast(pl.Int64, strict=False).cast(TS_DTYPE)
+    ts_us = pl.when(c("_reason").is_null()).then(c("_us")).cast(pl.Int64, strict=False)
     return (
-        raw.frame.select(
+        typed.with_columns(reason.alias("_reason"))
+        .with_columns(ts_us.alias("_ts_us"))
+        .select(
             pl.lit(file_index, dtype=pl.Int32).alias("_file"),
-            pl.col("_row"),
-            user.alias(USER_ID),
-            item.alias(ITEM_ID),
-            ts.alias(TS),
-            watch.alias(WATCH_SECONDS),
-            event_type.alias(EVENT_TYPE),
-            reason.alias("_reason"),
-            pl.col("_raw"),
-        )
-        .with_columns(
-            pl.when(pl.col("_reason").is_null()).then(None).otherwise(pl.col("_raw")).alias("_raw"),
-            pl.when(pl.col("_reason") == SHAPE_BLANK).then(pl.lit(BUCKET_BLANK, dtype=pl.Int32))
-            .when(pl.col("_reason").is_not_null()).then(pl.lit(BUCKET_BAD, dtype=pl.Int32))
-            .otherwise(
-                (pl.col(TS).dt.epoch("us") // US_PER_DAY % n_buckets).cast(pl.Int32)
-            ).alias("_bucket"),
+            c("_row"),
+            c(USER_ID),
+            c(ITEM_ID),
+            c("_ts_us").cast(TS_DTYPE).alias(TS),
+            c(WATCH_SECONDS),
+            c(EVENT_TYPE),
+            c("_reason"),
+            pl.when(c("_reason").is_null()).then(None).otherwise(c("_raw")).alias("_raw"),
+            pl.when(c("_reason") == SHAPE_BLANK).then(pl.lit(BUCKET_BLANK, dtype=pl.Int32))
+            .when(c("_reason").is_not_null()).then(pl.lit(BUCKET_BAD, dtype=pl.Int32))
+            .otherwise((c("_ts_us") // US_PER_DAY % n_buckets).cast(pl.Int32))
+            .alias("_bucket"),
         )
     )
 

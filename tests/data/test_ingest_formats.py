@@ -175,3 +175,13 @@ def test_id_type_follows_existing_events(tmp_path):
     report = run([write(tmp_path / "b.csv", f"user_id,item_id,ts\n1,x,{T0 + 86_400}\n1,3,{T0 + 86_400}\n")],
                  root, max_bad_fraction=1.0)
     assert report.quarantined == {"bad_item_id": 1} and report.item_id_type == "int"
+
+
+def test_mixed_iso_encodings_in_one_file(tmp_path):
+    body = "".join(f"{u},1,2026-01-01T12:00:0{u}Z\n" for u in range(1, 6))
+    src = write(tmp_path / "log.csv", "user_id,item_id,ts\n" + body
+                + "9,1,2026-01-01T14:00:00+02:00\n9,2,2026-02-30T25:61:00Z\n")
+    root = tmp_path / "data"
+    report = run([src], root, max_bad_fraction=1.0)
+    assert report.events_written == 6 and report.quarantined == {"bad_ts": 1}
+    assert events(root).filter(user_id=9)["ts"].to_list() == [_ts(T0)]
