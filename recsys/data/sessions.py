@@ -110,7 +110,8 @@ def build_sessions(
     out_dir = Path(out_dir) if out_dir is not None else config.paths.sessions_dir
     started = time.perf_counter()
 
-    source = pl.scan_parquet(event_files(events_dir), missing_columns="insert", extra_columns="ignore")
+    files = event_files(events_dir)
+    source = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
     columns = [pl.col(USER_ID), pl.col(ITEM_ID), pl.col(TS).cast(TS_DTYPE)]
     if cfg.mode == "gap" and cfg.gap_from_end and WATCH_SECONDS in source.collect_schema():
         columns.append(pl.col(WATCH_SECONDS).cast(pl.Float64))
@@ -142,7 +143,7 @@ def build_sessions(
         for buckets in _bucket_passes(n_events, cfg.n_buckets, events_per_pass):
             parts = _read_buckets(scan, buckets, cfg.n_buckets)
             for bucket in buckets:
-                frame, counts = sessionise(parts.pop(bucket), cfg, rare)
+                frame, counts = sessionise(parts.pop(bucket), cfg, rare, max_runs=len(files) + 1)
                 frame = _with_session_ids(frame, user_offsets, out_schema)
                 frame.write_parquet(tmp / f"part-{bucket:04d}.parquet")
                 for key, value in counts.items():
@@ -208,13 +209,39 @@ def _read_buckets(scan: pl.LazyFrame, buckets: range, n_buckets: int) -> dict[in
     return {b: parts.get((b,), empty) for b in buckets}
 
 
-def sessionise(events: pl.DataFrame, cfg: SessionsConfig, rare_items: pl.Series) -> tuple[pl.DataFrame, dict]:
+def order_events(events: pl.DataFrame, max_runs: int = 0) -> pl.DataFrame:
+    """Sort events by (user, ts, item_id).
+
+    Fast path for what ingest writes: date files each sorted by (user, ts, item), read in date order.
+    Then the user column restarts at most once per file (``max_runs``), and a stable sort by user alone
+    gives the full order (about 3x cheaper than the three-key sort); the result is verified, and any
+    other input takes the full sort.
+    """
+    full = [USER_ID, TS, ITEM_ID]
+    if events.height < 2 or max_runs <= 0:
+        return events.sort(full)
+    user, ts, item = pl.col(USER_ID), pl.col(TS), pl.col(ITEM_ID)
+    restarts = events.select((user < user.shift(1)).sum()).item()
+    if restarts >= max_runs:
+        return events.sort(full)
+    by_user = events.sort(USER_ID, maintain_order=True)
+    backwards = (user == user.shift(1)) & (
+        (ts < ts.shift(1)) | ((ts == ts.shift(1)) & (item < item.shift(1)))
+    )
+    if by_user.select(backwards.any()).item():
+        return events.sort(full)
+    return by_user
+
+
+def sessionise(
+    events: pl.DataFrame, cfg: SessionsConfig, rare_items: pl.Series, max_runs: int = 0
+) -> tuple[pl.DataFrame, dict]:
     """Events of some users (user_id, item_id, ts; any order) -> one row per kept sequence.
 
     Returns the sequences (user_id, _local, start_ts, end_ts, items, ts; ordered by user then time) and
-    counts of what each filter removed.
+    counts of what each filter removed. ``max_runs``: see :func:`order_events`.
     """
-    frame = events.sort([USER_ID, TS, ITEM_ID])
+    frame = order_events(events, max_runs)
     new_user = (pl.col(USER_ID) != pl.col(USER_ID).shift(1)).fill_null(True)
     if cfg.mode == "gap":
         gap_us = round(cfg.gap_minutes * 60 * 1_000_000)

@@ -17,8 +17,11 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 MIN = timedelta(minutes=1)
 
 
-def write_events(events_dir: Path, rows: list[tuple], user_dtype=pl.Int64) -> None:
-    """rows of (user_id, item_id, ts[, watch_seconds]) -> hive ``event_date=YYYY-MM-DD/part-0.parquet``."""
+def write_events(events_dir: Path, rows: list[tuple], user_dtype=pl.Int64, presorted: bool = False) -> None:
+    """rows of (user_id, item_id, ts[, watch_seconds]) -> hive ``event_date=YYYY-MM-DD/part-0.parquet``.
+
+    Rows are shuffled within a file, or sorted by (user, ts, item) as ingest writes them (``presorted``).
+    """
     schema = {"user_id": user_dtype, "item_id": pl.Int64, "ts": pl.Datetime("us", "UTC")}
     if rows and len(rows[0]) == 4:
         schema["watch_seconds"] = pl.Float64
@@ -26,7 +29,11 @@ def write_events(events_dir: Path, rows: list[tuple], user_dtype=pl.Int64) -> No
     for (day,), part in frame.group_by(pl.col("ts").dt.date(), maintain_order=True):
         out = events_dir / f"event_date={day}"
         out.mkdir(parents=True, exist_ok=True)
-        part.sample(fraction=1.0, shuffle=True, seed=3).write_parquet(out / "part-0.parquet")  # any order
+        if presorted:
+            part = part.sort("user_id", "ts", "item_id")
+        else:
+            part = part.sample(fraction=1.0, shuffle=True, seed=3)
+        part.write_parquet(out / "part-0.parquet")
 
 
 def make_config(root: Path, **sessions) -> Config:
@@ -159,11 +166,11 @@ def reference_sessions(rows: list[tuple], cfg: SessionsConfig) -> list[tuple]:
     return sorted(out, key=lambda r: (r[0], r[2][0]))
 
 
-@pytest.mark.parametrize("mode", ["gap", "user"])
-def test_matches_reference_and_does_not_depend_on_buckets(tmp_path, mode):
+@pytest.mark.parametrize(("mode", "presorted"), [("gap", False), ("user", False), ("gap", True)])
+def test_matches_reference_and_does_not_depend_on_buckets(tmp_path, mode, presorted):
     rows = random_rows()
     config = make_config(tmp_path / "data", mode=mode, gap_minutes=600, min_item_support=4, max_length=25)
-    write_events(config.paths.events_dir, rows, user_dtype=pl.String)
+    write_events(config.paths.events_dir, rows, user_dtype=pl.String, presorted=presorted)
     frames = []
     for n_buckets, per_pass in [(1, 10**9), (7, 10**9), (7, 500)]:  # 500: several scan passes
         config.sessions.n_buckets = n_buckets
@@ -214,3 +221,19 @@ def test_missing_or_empty_events_are_clear_errors(tmp_path):
     config.paths.events_dir.mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no Parquet files"):
         build_sessions(config)
+
+
+def test_order_events_fast_path_agrees_with_the_full_sort():
+    def day_file(day: int, rows: list[tuple]) -> pl.DataFrame:
+        return pl.DataFrame(rows, orient="row", schema={"user_id": pl.String, "item_id": pl.Int64,
+                                                          "ts": pl.Datetime("us", "UTC")})
+
+    d1 = day_file(1, [("a", 2, T0), ("a", 1, T0 + MIN), ("b", 5, T0)])
+    d2 = day_file(2, [("a", 3, T0 + 1440 * MIN), ("c", 1, T0 + 1441 * MIN)])
+    runs = pl.concat([d1, d2])  # what a bucket read from two ingest files looks like
+    tie_wrong = pl.concat([day_file(1, [("a", 9, T0), ("a", 1, T0)]), d2])  # equal ts, item descending
+    overlap = pl.concat([d2, d1])  # files out of date order
+    for frame in (runs, tie_wrong, overlap, runs.reverse()):
+        for max_runs in (0, 3, 100):
+            expected = frame.sort("user_id", "ts", "item_id")
+            assert sessions_mod.order_events(frame, max_runs).equals(expected)
