@@ -119,15 +119,13 @@ def recommend(
         out_idx[lo:hi] = idx.cpu().numpy()
         out_score[lo:hi] = vals.cpu().numpy()
     source = np.where(lengths.numpy() > 0, "model", "popular")
-    frame = pd.DataFrame(
-        {
-            "user_id": np.repeat(np.asarray(list(user_ids), dtype=object), k),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int64), len(user_ids)),
-            "item_id": item_ids[out_idx.reshape(-1)] if len(user_ids) else item_ids[:0],
-            "score": out_score.reshape(-1),
-            "source": np.repeat(source, k),
-        }
-    )
+    frame = pd.DataFrame({
+        "user_id": np.repeat(np.asarray(list(user_ids), dtype=object), k),
+        "rank": np.tile(np.arange(1, k + 1, dtype=np.int64), len(user_ids)),
+        "item_id": item_ids[out_idx.reshape(-1)] if len(user_ids) else item_ids[:0],
+        "score": out_score.reshape(-1),
+        "source": np.repeat(source, k),
+    })
     # every history item excluded (tiny catalogues): those slots are not recommendations
     return frame[np.isfinite(frame["score"].to_numpy())].reset_index(drop=True)
 
@@ -150,14 +148,10 @@ class GRU4RecPyfunc(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         params = params or {}
         return recommend(
-            self.model,
-            self.vocab,
-            model_input["user_id"].tolist(),
-            model_input["history"].tolist(),
+            self.model, self.vocab, model_input["user_id"].tolist(), model_input["history"].tolist(),
             top_k=int(params.get("top_k", DEFAULT_TOP_K)),
             exclude_seen=bool(params.get("exclude_seen", self.exclude_seen_default)),
-            max_history=self.max_history,
-            device=self.device,
+            max_history=self.max_history, device=self.device,
         )
 
 
@@ -166,19 +160,15 @@ def example_input(vocab: Vocab, split_test: Path | None = None, n_users: int = 2
     if split_test is not None and Path(split_test).is_file():
         frame = pl.read_parquet(split_test, columns=["user_id", "items"], n_rows=n_users)
         if frame.height:
-            return pd.DataFrame(
-                {
-                    "user_id": frame["user_id"].to_list(),
-                    "history": [list(items[-10:]) for items in frame["items"].to_list()],
-                }
-            )
+            return pd.DataFrame({
+                "user_id": frame["user_id"].to_list(),
+                "history": [list(items[-10:]) for items in frame["items"].to_list()],
+            })
     ids = vocab.item_ids.to_list()
-    return pd.DataFrame(
-        {
-            "user_id": [f"user-{i}" for i in range(n_users)],
-            "history": [ids[i : i + 3] for i in range(n_users)],
-        }
-    )
+    return pd.DataFrame({
+        "user_id": [f"user-{i}" for i in range(n_users)],
+        "history": [ids[i : i + 3] for i in range(n_users)],
+    })
 
 
 def model_signature(example: pd.DataFrame, vocab: Vocab) -> mlflow.models.ModelSignature:
@@ -187,21 +177,13 @@ def model_signature(example: pd.DataFrame, vocab: Vocab) -> mlflow.models.ModelS
 
     item_type = "string" if vocab.item_ids.dtype == pl.String else "long"
     inputs = Schema([ColSpec(AnyType(), "user_id"), ColSpec(Array(item_type), "history")])
-    outputs = Schema(
-        [
-            ColSpec(AnyType(), "user_id"),
-            ColSpec("long", "rank"),
-            ColSpec(item_type, "item_id"),
-            ColSpec("float", "score"),
-            ColSpec("string", "source"),
-        ]
-    )
-    params = ParamSchema(
-        [
-            ParamSpec("top_k", "long", DEFAULT_TOP_K),
-            ParamSpec("exclude_seen", "boolean", True),
-        ]
-    )
+    outputs = Schema([
+        ColSpec(AnyType(), "user_id"), ColSpec("long", "rank"), ColSpec(item_type, "item_id"),
+        ColSpec("float", "score"), ColSpec("string", "source"),
+    ])
+    params = ParamSchema([
+        ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("exclude_seen", "boolean", True),
+    ])
     return mlflow.models.ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
