@@ -197,6 +197,38 @@ def prepare(
 # --- model stages ----------------------------------------------------------------------------------
 
 @app.command()
+def train(
+    split_dir: Annotated[Path | None, typer.Option("--split-dir", help="Default: <data_root>/split.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from <run dir>/last.pt.")] = False,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option("--checkpoint-dir", help="Default: <data_root>/checkpoints/<run_name>.")
+    ] = None,
+    conf: ConfOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train GRU4Rec (checkpoint every epoch, early stopping), then test it against both baselines."""
+    from recsys.eval_table import metrics_table
+    from recsys.evaluate import resolve_exclude_seen
+    from recsys.train import NonFiniteLossError, train_model
+
+    config = load_cli_config(conf, set_)
+    try:
+        result = train_model(config, split_dir, checkpoint_dir, resume=resume)
+    except (FileNotFoundError, ValueError, NonFiniteLossError, RuntimeError) as exc:
+        raise fail(str(exc)) from None
+    rows = {"gru4rec": result.test_metrics, **result.baseline_metrics}
+    table = metrics_table(rows, config.evaluate.cutoffs, "test", resolve_exclude_seen(config))
+    (console if console.is_terminal else Console(width=max(console.width, 120))).print(table)
+    last = result.history[-1] if result.history else {}
+    console.print(
+        f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}"
+        f"{' (early stop)' if result.stopped_early else ''}; "
+        f"{last.get('events_per_second', 0):,.0f} events/s in the last epoch; "
+        f"checkpoint {result.best_checkpoint}"
+    )
+
+
+@app.command()
 def evaluate(
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="GRU4Rec checkpoint; omit for the baselines only.")
