@@ -219,6 +219,7 @@ def history_cutoff(run_date: date) -> datetime:
     return datetime.combine(run_date + timedelta(days=1), dtime(0), tzinfo=UTC)
 
 
+@torch.inference_mode()
 def score_users(
     config: Config,
     model_uri: str | None = None,
