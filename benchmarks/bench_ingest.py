@@ -31,6 +31,7 @@ STAGES = ("generate", "ingest", "sessions", "split")
 PATH_TARGET_EPS = 1_500_000  # ingest -> sessions -> split, events/s at 10M
 RSS_TARGET_GB = 6.0  # peak RSS of any stage at 50M
 PANDAS_RATIO_TARGET = 5.0
+PANDAS_STOP_RATIO = 20.0  # stop pandas once it is this many times slower: the ratio is then "> 20x"
 
 
 def parse_size(text: str) -> int:
@@ -139,6 +140,23 @@ def child_main(args: argparse.Namespace) -> None:
 
 # --- parent side -------------------------------------------------------------------------------------
 
+def parse_deadline(text: str) -> float:
+    """'10:25' -> the next such time today (UTC) as a unix timestamp."""
+    hh, mm = (int(x) for x in text.split(":"))
+    now = time.time()
+    day = now - now % 86_400
+    return day + hh * 3600 + mm * 60
+
+
+def estimate_seconds(rows: list[dict[str, Any]], stage: str, n: int) -> float | None:
+    """From the same stage at the largest smaller size: linear in events, +20 % and start-up."""
+    done = [r for r in rows if r["stage"] == stage and not r.get("skipped") and r["size"] < n]
+    if not done:
+        return None
+    ref = max(done, key=lambda r: r["size"])
+    startup = ref["wall_seconds"] - ref["seconds"]
+    return 1.2 * ref["seconds"] * n / ref["size"] + startup + 5
+
 def run_child(stage: str, work: Path, n: int, sets: list[str], profile: Path | None,
               timeout: float | None = None) -> dict[str, Any]:
     """Run one stage in a fresh process; a stage past ``timeout`` is killed and reported as timed out."""
@@ -182,10 +200,14 @@ def run_child(stage: str, work: Path, n: int, sets: list[str], profile: Path | N
 
 
 def summarise(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
-    by = {(r["size"], r["stage"]): r for r in rows}
-    summary: dict[str, Any] = {"path": {}}
+    ran = [r for r in rows if not r.get("skipped")]
+    complete = {(r["size"], r["stage"]): r for r in ran if not r.get("timed_out")}
+    summary: dict[str, Any] = {"path": {}, "peak_rss_gb": {}}
     for n in sizes:
-        parts = [by.get((n, s)) for s in ("ingest", "sessions", "split")]
+        stage_rss = [r["peak_rss_gb"] for r in ran if r["size"] == n and r["stage"] in STAGES]
+        if stage_rss:  # generate included, the pandas comparison not: the pipeline's own peak
+            summary["peak_rss_gb"][label(n)] = max(stage_rss)
+        parts = [complete.get((n, s)) for s in ("ingest", "sessions", "split")]
         if all(parts):
             secs = sum(p["seconds"] for p in parts)  # type: ignore[index]
             summary["path"][label(n)] = {
@@ -193,14 +215,11 @@ def summarise(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
                 "seconds": round(secs, 2),
                 "events_per_second": round(parts[0]["events"] / secs),  # type: ignore[index]
                 "peak_rss_gb": max(p["peak_rss_gb"] for p in parts),  # type: ignore[index]
-                # generate included, the pandas comparison not: the pipeline's own peak
-                "max_stage_rss_gb": max(r["peak_rss_gb"] for r in rows
-                                        if r["size"] == n and r["stage"] in STAGES),
             }
-    pandas_rows = [r for r in rows if r["stage"] == "pandas"]
+    pandas_rows = [r for r in ran if r["stage"] == "pandas"]
     if pandas_rows:
         p = pandas_rows[0]
-        ours = by[(p["size"], "sessions")]
+        ours = complete[(p["size"], "sessions")]
         summary["pandas"] = {"size": label(p["size"]), "pandas_seconds": p["seconds"],
                              "ours_seconds": ours["seconds"], "timed_out": p.get("timed_out", False),
                              "ratio": round(p["seconds"] / max(ours["seconds"], 1e-9), 2)}
@@ -216,20 +235,31 @@ def print_report(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     for col in ("events", "stage", "seconds", "events/s", "peak RSS GB", "wall s", "load"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for r in rows:
-        table.add_row(label(r["size"]), r["stage"], f"{r['seconds']:.2f}", f"{r['events_per_second']:,}",
+        if r.get("skipped"):
+            est = f"est. {r['estimate_seconds']:.0f} s" if r.get("estimate_seconds") else "no time left"
+            table.add_row(label(r["size"]), r["stage"], f"skipped ({est})", "", "", "", "")
+            continue
+        cut = r.get("timed_out")
+        table.add_row(label(r["size"]), r["stage"] + (" (stopped)" if cut else ""),
+                      f"{'>' if cut else ''}{r['seconds']:.2f}",
+                      f"{'<' if cut else ''}{r['events_per_second']:,}",
                       f"{r['peak_rss_gb']:.2f}", f"{r['wall_seconds']:.1f}",
                       f"{r['load_before']:.1f}->{r['load_after']:.1f}")
     console.print(table)
     for size, p in summary["path"].items():
         ok = p["events_per_second"] >= PATH_TARGET_EPS
         console.print(f"ingest->sessions->split at {size}: {p['events_per_second']:,} events/s "
-                      f"({p['seconds']:.1f} s), peak RSS {p['max_stage_rss_gb']:.2f} GB "
-                      f"[{'green' if ok else 'yellow'}](throughput target {PATH_TARGET_EPS:,}/s at 10M: "
+                      f"({p['seconds']:.1f} s) [{'green' if ok else 'yellow'}](target "
+                      f"{PATH_TARGET_EPS:,}/s at 10M: {'met' if ok else 'not met'})[/]")
+    for size, rss in summary["peak_rss_gb"].items():
+        ok = rss <= RSS_TARGET_GB
+        console.print(f"peak RSS of any pipeline stage at {size}: {rss:.2f} GB "
+                      f"[{'green' if ok else 'yellow'}](target <= {RSS_TARGET_GB:g} GB at 50M: "
                       f"{'met' if ok else 'not met'})[/]")
     if "pandas" in summary:
         pd_ = summary["pandas"]
-        ok = pd_["ratio"] >= PANDAS_RATIO_TARGET
         more = "> " if pd_["timed_out"] else ""
+        ok = pd_["ratio"] >= PANDAS_RATIO_TARGET
         colour = "green" if ok else "yellow"
         console.print(f"sessionise at {pd_['size']}: pandas {more}{pd_['pandas_seconds']:.1f} s vs ours "
                       f"{pd_['ours_seconds']:.1f} s -> [{colour}]{more}{pd_['ratio']:.1f}x[/] "
@@ -246,8 +276,11 @@ def main() -> None:
                     help="config override for every stage, e.g. sessions.gap_minutes=120")
     ap.add_argument("--no-pandas", action="store_true", help="skip the pandas sessioniser comparison")
     ap.add_argument("--pandas-size", default=None, help="size for the pandas run (default: the first size)")
-    ap.add_argument("--pandas-timeout", type=float, default=900,
-                    help="kill the pandas run after this many seconds (the ratio is then a lower bound)")
+    ap.add_argument("--pandas-timeout", type=float, default=None,
+                    help="kill the pandas run after this many seconds (default: 20x our sessions time, at "
+                         "least 60 s); the ratio is then a lower bound")
+    ap.add_argument("--deadline", default=None,
+                    help="HH:MM (UTC): skip stages estimated to end later, cut off a stage still running")
     ap.add_argument("--profile", action="store_true",
                     help="cProfile each pipeline stage into benchmarks/results/profile_<stage>_<size>.txt")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
@@ -262,19 +295,34 @@ def main() -> None:
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     pandas_size = parse_size(args.pandas_size) if args.pandas_size else sizes[0]
     sets = args.set or []
+    deadline = parse_deadline(args.deadline) if args.deadline else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     with_pandas = not args.no_pandas and pandas_size in sizes
 
-    def stage_run(stage: str, n: int) -> None:
+    def stage_run(stage: str, n: int) -> bool:
+        """Run one stage unless it cannot finish before the deadline; False when skipped or cut off."""
+        left = deadline - time.time() if deadline else None
+        estimate = estimate_seconds(rows, stage, n)
+        if left is not None and (left < 10 or (estimate is not None and estimate > left)):
+            rows.append({"stage": stage, "size": n, "skipped": True, "estimate_seconds": estimate,
+                         "seconds_left": round(left)})
+            print(f"[{time.strftime('%H:%M:%S')}] {label(n)} {stage}: skipped (estimated "
+                  f"{estimate or 0:.0f} s, {left:.0f} s left before the deadline)", flush=True)
+            return False
         profiled = args.profile and stage != "pandas"
         prof = args.out.parent / f"profile_{stage}_{label(n)}.txt" if profiled else None
         print(f"[{time.strftime('%H:%M:%S')}] {label(n)} {stage} ...", flush=True)
-        timeout = args.pandas_timeout if stage == "pandas" else None
+        timeout = left
+        if stage == "pandas":
+            ours = next(r for r in rows if r["size"] == n and r["stage"] == "sessions")
+            limit = args.pandas_timeout or max(60.0, PANDAS_STOP_RATIO * ours["seconds"])
+            timeout = min(limit, left) if left is not None else limit
         rows.append(run_child(stage, args.work / label(n), n, sets, prof, timeout))
         r = rows[-1]
         print(f"    {'>' if r.get('timed_out') else ''}{r['seconds']:.1f} s, {r['events_per_second']:,} "
               f"events/s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+        return not r.get("timed_out")
 
     try:
         for n in sizes:
@@ -282,11 +330,13 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             for stage in STAGES:
-                stage_run(stage, n)
-            if not args.keep and not (with_pandas and n == pandas_size):
+                if not stage_run(stage, n):
+                    break  # later stages need this one's output
+            else:
+                if with_pandas and n == pandas_size:
+                    stage_run("pandas", n)
+            if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
-        if with_pandas:  # last, so the pipeline numbers are in even if pandas is slow
-            stage_run("pandas", pandas_size)
     finally:
         if not args.keep:
             for n in sizes:
