@@ -107,10 +107,16 @@ def _pandas_sessionise(config) -> dict[str, Any]:
 
     gap = pd.Timedelta(minutes=config.sessions.gap_minutes)
     out = config.paths.data_root / "sessions_pandas.parquet"
+    from_end = config.sessions.gap_from_end  # same rule as ours: inactivity from the end of the play
     t0 = time.perf_counter()
-    df = pd.read_parquet(config.paths.events_dir, columns=["user_id", "item_id", "ts"])
-    df = df.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
-    new = (df["user_id"] != df["user_id"].shift()) | (df["ts"].diff() > gap)
+    cols = ["user_id", "item_id", "ts", *(["watch_seconds"] if from_end else [])]
+    df = pd.read_parquet(config.paths.events_dir, columns=cols)
+    df = df.sort_values(["user_id", "ts", "item_id"], kind="stable").reset_index(drop=True)
+    prev_end = df["ts"].shift()
+    if from_end:
+        watched = df["watch_seconds"].fillna(0).clip(lower=0)
+        prev_end = prev_end + pd.to_timedelta(watched.shift(), unit="s")
+    new = (df["user_id"] != df["user_id"].shift()) | ((df["ts"] - prev_end) > gap)
     df["session_id"] = new.cumsum() - 1
     sessions = df.groupby("session_id", sort=True).agg(
         user_id=("user_id", "first"), start_ts=("ts", "min"), end_ts=("ts", "max"),
