@@ -83,16 +83,21 @@ def canonical_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 
     ``torch.topk`` picks arbitrarily among equal scores, which would make coverage depend on the chunk
     size; here the order is (score descending, index ascending) so every row's list is well defined.
-    Rows where items outside the list tie with the k-th value (rare for trained models) fall back to a
-    stable full sort.
+    Rows where an item outside the list ties with the k-th value (seen from the (k+1)-th value; rare for
+    trained models) fall back to a stable full sort. Masked (-inf) entries are never ambiguous: they are
+    not recommendations.
     """
-    vals, idx = torch.topk(scores, k, dim=1)  # [b, k]
-    n_at_least_kth = (scores >= vals[:, -1:]).sum(dim=1)  # [b]
+    n = scores.shape[1]
+    vals, idx = torch.topk(scores, min(k + 1, n), dim=1)  # [b, k+1]
+    if k < n:
+        ambiguous = ((vals[:, k] == vals[:, k - 1]) & (vals[:, k - 1] > -math.inf)).nonzero().squeeze(1)
+        vals, idx = vals[:, :k], idx[:, :k]  # [b, k]
+    else:
+        ambiguous = torch.empty(0, dtype=torch.int64, device=scores.device)
     idx, perm = torch.sort(idx, dim=1)  # index ascending ...
     vals = vals.gather(1, perm)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices  # ... then score descending
     idx, vals = idx.gather(1, order), vals.gather(1, order)
-    ambiguous = (n_at_least_kth > k).nonzero().squeeze(1)  # [a]
     if ambiguous.numel():
         full_vals, full_idx = torch.sort(scores[ambiguous], dim=1, descending=True, stable=True)
         vals[ambiguous] = full_vals[:, :k]
@@ -149,19 +154,20 @@ def evaluate_recommender(
         scores = _own(rec.score(states[lo:hi].to(device)))  # [b, n_items]
         if scores.shape != (hi - lo, n_items):
             raise ValueError(f"{rec.name}: score gave shape {tuple(scores.shape)}, want {(hi - lo, n_items)}")
-        if torch.isnan(scores).any():
-            raise ValueError(f"{rec.name}: NaN scores for queries {lo}..{hi - 1}")
         if exclude_seen:
             rows, cols = history_pairs(seqs, seq[lo:hi], pos[lo:hi])
             scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -math.inf
 
         tgt = torch.from_numpy(targets[lo:hi]).to(device)  # [b]
         tgt_score = scores.gather(1, tgt[:, None])  # [b, 1]
-        rank = (scores >= tgt_score).sum(dim=1)  # [b] conservative: ties rank ahead of the target
+        # conservative: ties rank ahead of the target (uint8 sum: 3x faster than a bool sum on CPU)
+        rank = (scores >= tgt_score).view(torch.uint8).sum(dim=1, dtype=torch.int32).long()  # [b]
         rank[tgt_score[:, 0] == -math.inf] = n_items + 1  # a masked target is a miss
-        rank_hist += torch.bincount(rank.clamp(max=max_k + 1), minlength=max_k + 2)
 
         vals, idx = canonical_topk(scores, list_k)  # [b, list_k]
+        if torch.isnan(vals[:, 0]).any():  # topk ranks NaN above everything: one check covers the row
+            raise ValueError(f"{rec.name}: NaN scores for queries {lo}..{hi - 1}")
+        rank_hist += torch.bincount(rank.clamp(max=max_k + 1), minlength=max_k + 2)
         recommendable = vals > -math.inf  # masked items never count as recommended
         for c, k in enumerate(cutoffs):
             kk = min(k, list_k)

@@ -140,6 +140,8 @@ def test_nan_scores_and_wrong_shapes_are_errors():
     seqs = make_seqs([[0, 1]])
     with pytest.raises(ValueError, match="NaN"):
         evaluate_recommender(FixedScores([[0.0, float("nan")]]), seqs, exclude_seen=False, chunk_size=1)
+    with pytest.raises(ValueError, match="NaN"):  # NaN on a non-target item, and masked-in history
+        evaluate_recommender(FixedScores([[1.0, 2.0, float("nan")]]), seqs, exclude_seen=True, chunk_size=1)
     bad = FixedScores([[0.0, 1.0]])
     bad.n_items = 3
     with pytest.raises(ValueError, match="shape"):
