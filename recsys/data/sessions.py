@@ -145,7 +145,8 @@ def build_sessions(
             for bucket in buckets:
                 frame, counts = sessionise(parts.pop(bucket), cfg, rare, max_runs=len(files) + 1)
                 frame = _with_session_ids(frame, user_offsets, out_schema)
-                frame.write_parquet(tmp / f"part-{bucket:04d}.parquet")
+                # lz4: an intermediate file; about 2x cheaper to write than zstd, ~30 % larger
+                frame.write_parquet(tmp / f"part-{bucket:04d}.parquet", compression="lz4")
                 for key, value in counts.items():
                     counters[key] += value
                 lengths.append(frame[ITEMS].list.len().to_numpy())
