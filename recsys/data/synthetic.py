@@ -267,7 +267,7 @@ def _sitting_start(rng: np.random.Generator, day: np.ndarray, start_weekday: int
 
 def _chunk_frame(cat: _Catalogue, cfg: GenerateConfig, rng: np.random.Generator, n_u: np.ndarray,
                  user_lo: int, start_weekday: int) -> pl.DataFrame:
-    """Clean events of users ``user_lo .. user_lo+len(n_u)-1``, sorted by time (as a log file is)."""
+    """Clean events of users ``user_lo .. user_lo+len(n_u)-1`` (numeric ts, unordered)."""
     m = len(n_u)
     days = cfg.days
     taste = rng.gamma(TASTE_CONCENTRATION * GENRE_SHARE, size=(m, len(GENRES)))  # [m, G]
@@ -369,12 +369,20 @@ def _chunk_frame(cat: _Catalogue, cfg: GenerateConfig, rng: np.random.Generator,
         WATCH_SECONDS: watch,
         EVENT_TYPE: etype,
     })
+    return frame
+
+
+def _finish_chunk(frame: pl.DataFrame, noise_fraction: float, noise_seed: np.random.SeedSequence,
+                  path: Path, fmt: str) -> tuple[int, dict[str, int]]:
+    """Order by time, format, corrupt a few rows, write. Runs in the writer thread (polars, no GIL)."""
     # Ordered by time (ties by user) as a log file is; ts + user is unique, so the order is total.
-    frame = frame.sort(TS, USER_ID)
-    return frame.with_columns(
+    frame = frame.sort(TS, USER_ID).with_columns(
         pl.from_epoch(TS, "s").dt.strftime(TS_FORMAT),
         pl.col(EVENT_TYPE).replace_strict(dict(enumerate(EVENT_TYPES)), return_dtype=pl.String),
     )
+    frame, counts = _add_noise(frame, noise_fraction, np.random.default_rng(noise_seed))
+    _write(frame, path, fmt)
+    return frame.height, counts
 
 
 def _add_noise(df: pl.DataFrame, fraction: float, rng: np.random.Generator) -> tuple[pl.DataFrame, dict]:
@@ -475,23 +483,28 @@ def generate(config: Config, out_dir: Path | None = None) -> dict[str, Any]:
     try:
         cat.frame.write_parquet(tmp / CATALOGUE_FILE)
         # One writer thread: chunk i is compressed and written while chunk i+1 is generated.
+        # One writer thread: chunk i is sorted, formatted and written while chunk i+1 is generated.
+        results: list[tuple[int, dict[str, int]]] = []
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending: Future | None = None
             for i, (lo, hi) in enumerate(bounds):
                 rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2, i)))
-                df = _chunk_frame(cat, cfg, rng, n_u[lo:hi], lo, start_weekday)
-                df, counts = _add_noise(df, cfg.noise_fraction, rng)
-                for k, v in counts.items():
-                    noise[k] += v
-                events += df.height
+                frame = _chunk_frame(cat, cfg, rng, n_u[lo:hi], lo, start_weekday)
+                if pending is not None:
+                    results.append(pending.result())  # at most two chunks in memory
                 name = f"part-{i:05d}.{ext}"
                 files.append(name)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(_write, df, tmp / name, cfg.format)
-                log.debug("chunk %d: users %d-%d, %d events", i, lo, hi, df.height)
+                pending = pool.submit(_finish_chunk, frame, cfg.noise_fraction,
+                                      np.random.SeedSequence(cfg.seed, spawn_key=(3, i)), tmp / name,
+                                      cfg.format)
+                del frame
+                log.debug("chunk %d: users %d-%d", i, lo, hi)
             if pending is not None:
-                pending.result()
+                results.append(pending.result())
+        for height, counts in results:
+            events += height
+            for k, v in counts.items():
+                noise[k] += v
         seconds = time.perf_counter() - t0
         result: dict[str, Any] = {
             "out_dir": str(out_dir),
