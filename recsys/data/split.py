@@ -114,11 +114,13 @@ def split_sessions(
 
         stats["sequences"] = whole.sequence_stats()
         stats["vocab_size"] = len(vocab)
-        stats["splits"] = {name: counts[name].summary(vocab if name != "train" else None) for name in SPLITS}
-        stats["sessions_stage"] = read_json(sessions_dir / SESSIONS_STATS_FILE)
-        stats["ingest"] = (stats["sessions_stage"] or {}).get("ingest") or find_ingest_report(
-            config.paths.events_dir
-        )
+        stats["splits"] = {
+            name: counts[name].summary(vocab if name != "train" else None) for name in SPLITS
+        }
+        sessions_stage = read_json(sessions_dir / SESSIONS_STATS_FILE) or {}
+        ingest = sessions_stage.pop("ingest", None)  # the report the sessions stage saw beside its events
+        stats["sessions_stage"] = sessions_stage or None
+        stats["ingest"] = ingest or find_ingest_report(config.paths.events_dir)
         elapsed = time.perf_counter() - started
         n_events = stats["sequences"]["events"]
         stats["seconds"] = round(elapsed, 3)
