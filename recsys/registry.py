@@ -127,8 +127,9 @@ def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")
-    return {"run_id": run.info.run_id, "model_version": version.version, "registered_model": version.name,
-            "metrics": metrics, "checkpoint": str(checkpoint_path), "tracking_uri": store.uri}
+    return {"run_id": run.info.run_id, "model_version": str(version.version),
+            "registered_model": version.name, "metrics": metrics, "checkpoint": str(checkpoint_path),
+            "tracking_uri": store.uri}
 
 
 # --- resolving a model URI -------------------------------------------------------------------------

@@ -177,12 +177,16 @@ def connect(config: Config) -> TrackingStore:
     artifact_location = embedded_artifact_location(config) if uri.startswith("sqlite:") else None
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def open_store() -> str:
+        # Creating the client creates (and migrates) the tables of an embedded database; the registry
+        # store does the same on first use: both happen here, under the lock.
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_registered_models(max_results=1)
+        return _ensure_experiment(client, config.tracking.experiment, artifact_location)
+
     with _init_lock(config, uri):
-        experiment_id = with_retries(
-            lambda: _ensure_experiment(client, config.tracking.experiment, artifact_location),
-            config, "opening the experiment", uri,
-        )
+        experiment_id = with_retries(open_store, config, "opening the experiment", uri)
     mlflow.set_experiment(experiment_id=experiment_id)
     return TrackingStore(uri, config.tracking.experiment, experiment_id, artifact_location)
 

@@ -1,0 +1,153 @@
+"""Tracking against a real embedded SQLite store in a temp dir (no MLflow mocks): what one training run
+records, an unreachable server, two training processes at once, and a resumable tuning search."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow_fixtures import free_port, make_config, make_world
+
+from recsys.lineage import snapshot_hash
+from recsys.registry import CHALLENGER, register_checkpoint
+from recsys.tracking import TrackingUnavailableError, resolve_tracking_uri, tracked_training
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One tracked training run (1 epoch), with system metrics sampled twice a second."""
+    config = make_world(tmp_path_factory.mktemp("tracked") / "data")
+    mlflow.set_system_metrics_sampling_interval(0.5)
+    try:
+        out = tracked_training(config)
+    finally:
+        mlflow.set_system_metrics_sampling_interval(None)
+    return config, out
+
+
+def test_run_records_params_metrics_lineage_and_artifacts(tracked):
+    config, out = tracked
+    client = MlflowClient(tracking_uri=out["tracking_uri"], registry_uri=out["tracking_uri"])
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["train.batch_size"] == "8" and params["model.hidden_size"] == "8"
+    # per epoch, step = epoch
+    for key in ("train_loss", "valid_mrr_20", "events_per_second", "epoch_seconds"):
+        assert [m.step for m in client.get_metric_history(out["run_id"], key)] == [1], key
+    # final test metrics of the GRU and of both baselines, '@' replaced
+    for prefix in ("test_gru", "test_most_popular", "test_item_knn"):
+        assert 0.0 <= metrics[f"{prefix}_mrr_20"] <= 1.0
+    assert any(key.startswith("system/") for key in metrics), sorted(metrics)
+    assert tags["data.snapshot_hash"] == snapshot_hash(config.paths.split_dir)
+    assert tags["data.rows.train"] == "60" and tags["seed"] == str(config.train.seed)
+    assert tags["device"] == "cpu" and "versions.torch" in tags and "versions.mlflow" in tags
+    if "code.git_sha" in tags:
+        assert len(tags["code.git_sha"]) == 40
+    artifacts = {f.path for f in client.list_artifacts(out["run_id"])}
+    artifacts |= {f.path for f in client.list_artifacts(out["run_id"], "report")}
+    assert {"config.yaml", "report/metrics_per_epoch.png", "report/metrics_per_epoch.csv",
+            "report/test_metrics.md"} <= artifacts
+    local = Path(mlflow.artifacts.download_artifacts(run_id=out["run_id"], artifact_path="report"))
+    assert (local / "metrics_per_epoch.png").read_bytes()[:4] == b"\x89PNG"
+    # artifacts live under the data root, the model is registered as the challenger
+    assert run.info.artifact_uri.startswith((config.paths.mlflow_dir / "artifacts").resolve().as_uri())
+    version = client.get_model_version_by_alias(config.tracking.registered_model, CHALLENGER)
+    assert str(version.version) == out["model_version"] and version.run_id == out["run_id"]
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = make_config(tmp_path / "data")
+    config.tracking.tracking_uri = None
+    default = (tmp_path / "data" / "mlflow" / "mlflow.db").resolve()
+    assert resolve_tracking_uri(config) == f"sqlite:///{default}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(config) == "http://127.0.0.1:5999"
+    config.tracking.tracking_uri = "sqlite:////elsewhere/m.db"
+    assert resolve_tracking_uri(config) == "sqlite:////elsewhere/m.db"
+
+
+def test_unreachable_server_keeps_checkpoint_and_register_recovers(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    config = make_world(tmp_path / "data", tracking={"tracking_uri": url, "retries": 2,
+                                                     "retry_backoff_seconds": 0.05})
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailableError) as info:
+        tracked_training(config)
+    message = str(info.value)
+    assert url in message and "recsys register --checkpoint" in message and "3 time(s)" in message
+    checkpoint = config.paths.checkpoints_dir / config.train.run_name / "best.pt"
+    assert checkpoint.is_file() and str(checkpoint.resolve()) in message
+    assert time.monotonic() - start < 60  # bounded: no hanging HTTP retries
+
+    # the server is back (here: the embedded store): the kept checkpoint is logged and registered
+    recovered = make_config(tmp_path / "data")
+    out = register_checkpoint(recovered, checkpoint)
+    client = MlflowClient(tracking_uri=out["tracking_uri"], registry_uri=out["tracking_uri"])
+    version = client.get_model_version_by_alias(recovered.tracking.registered_model, CHALLENGER)
+    assert str(version.version) == out["model_version"]
+    run = client.get_run(out["run_id"])
+    assert run.data.tags["recsys.kind"] == "register" and "valid_mrr_20" in run.data.metrics
+
+
+_TRAIN_ONE = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from mlflow_fixtures import make_config
+from recsys.tracking import tracked_training
+config = make_config(__import__("pathlib").Path({root!r}), train={{"run_name": sys.argv[1]}})
+print(json.dumps(tracked_training(config)["run_id"]))
+"""
+
+
+def test_two_training_processes_at_once_are_both_recorded(tmp_path):
+    """Two processes start together on a store that does not exist yet (table creation included)."""
+    root = tmp_path / "data"
+    config = make_world(root)
+    code = _TRAIN_ONE.format(tests=str(Path(__file__).parent), root=str(root))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, name], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for name in ("first", "second")]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+    run_ids = {json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs}
+    assert len(run_ids) == 2
+    uri = resolve_tracking_uri(config)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and "test_gru_mrr_20" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]
+    versions = client.search_model_versions(f"name = '{config.tracking.registered_model}'")
+    assert sorted(v.run_id for v in versions) == sorted(run_ids)
+
+
+def test_tune_nested_runs_best_child_and_resume(tmp_path):
+    from recsys.tune import tune
+
+    config = make_world(tmp_path / "data", tune={"n_trials": 2, "epochs": 1, "prune": False})
+    config.tune.space = {"train.learning_rate": {"type": "float", "low": 0.02, "high": 0.2, "log": True},
+                         "model.hidden_size": {"type": "categorical", "choices": [4, 8]}}
+    first = tune(config)
+    config.tune.n_trials = 3  # resume: one more trial, same study, same parent run
+    second = tune(config)
+    assert second["parent_run_id"] == first["parent_run_id"] and second["n_trials"] == 3
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(config))
+    parent = client.get_run(second["parent_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3 and all("best_valid_mrr_20" in c.data.metrics for c in children)
+    best = max(children, key=lambda c: c.data.metrics["best_valid_mrr_20"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id == second["best_run_id"]
+    assert parent.data.metrics["best_valid_mrr_20"] == pytest.approx(best.data.metrics["best_valid_mrr_20"])
