@@ -30,10 +30,12 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config import Config, SplitConfig
 from recsys.data.atomic_dir import fresh_tmp_dir, swap_into_place
+from recsys.data.background import BackgroundWriter
 from recsys.data.sessions import SESSIONS_STATS_FILE, length_summary, session_files
 from recsys.data.stats import find_ingest_report, read_json
 from recsys.data.vocab import Vocab
@@ -136,14 +138,17 @@ def split_sessions(
 
 
 class _SplitWriters:
-    """One Parquet writer per split file, appended to one sessions file at a time."""
+    """One Parquet writer per split file, appended to one sessions file at a time (in the background)."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.writers: dict[str, pq.ParquetWriter] = {}
+        self.background = BackgroundWriter(max_pending=3)
 
     def write(self, name: str, frame: pl.DataFrame) -> None:
-        table = frame.to_arrow()
+        self.background.submit(self._write, name, frame.to_arrow())
+
+    def _write(self, name: str, table: pa.Table) -> None:
         if name not in self.writers:
             path = self.out_dir / _FILES[name]
             self.writers[name] = pq.ParquetWriter(path, table.schema, compression="zstd")
@@ -152,9 +157,12 @@ class _SplitWriters:
     def __enter__(self) -> _SplitWriters:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for writer in self.writers.values():
-            writer.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self.background.__exit__(exc_type, *exc)
+        finally:
+            for writer in self.writers.values():
+                writer.close()
 
 
 class _SplitCounts:

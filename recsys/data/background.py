@@ -1,0 +1,45 @@
+"""Run file writes on one background thread, in order, so the next chunk is computed meanwhile.
+
+polars and pyarrow release the GIL while encoding and compressing Parquet, so on a 2-core machine writing
+bucket k overlaps with sessionising/splitting bucket k+1. At most ``max_pending`` writes wait at once,
+which bounds the memory held by frames not yet written.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+
+class BackgroundWriter:
+    """Ordered single-thread executor for writes; errors surface on the next submit or on close."""
+
+    def __init__(self, max_pending: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-writer")
+        self._pending: deque[Future[Any]] = deque()
+        self._max_pending = max_pending
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Wait for every write; re-raise the first failure."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # already failing: wait for the thread, keep the original error
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pending.clear()
