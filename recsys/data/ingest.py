@@ -131,7 +131,7 @@ def _plans(raws: list[RawInput], config: Config, now: datetime | None) -> list[P
     plans = []
     for raw, sample in zip(raws, samples, strict=True):
         mode = choose_ts_mode(sample[TS], raw.spec.ts_unit)
-        iso = choose_iso_format(sample[TS], cfg.timezone) if mode == "iso" else None
+        iso = choose_iso_format(sample[TS], cfg.timezone) if mode in ("iso", "mixed") else None
         plans.append(ParsePlan(user_type, item_type, mode, raw.spec.ts_unit, iso, cfg.timezone,
                                min_us, max_us))
     return plans
@@ -140,13 +140,14 @@ def _plans(raws: list[RawInput], config: Config, now: datetime | None) -> list[P
 def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: Path) -> None:
     """Parse + validate every file in the streaming engine; write rows bucketed by date to ``stage``."""
     for i, (raw, plan) in enumerate(zip(raws, plans, strict=True)):
+        t0 = time.perf_counter()
         lf = normalise(raw, plan, i, config.ingest.staging_buckets)
         out = stage / f"f{i}"
         try:
             lf.sink_parquet(pl.PartitionBy(out, key="_bucket", include_key=True), mkdir=True)
         except Exception as exc:
             raise IngestError(f"{raw.path}: failed while reading: {exc}") from exc
-        logger.info("staged %s", raw.path)
+        logger.info("staged %s in %.1f s", raw.path, time.perf_counter() - t0)
 
 
 def _scan_bucket(stage: Path, bucket: int, file_index: int | None = None) -> pl.LazyFrame | None:
@@ -316,7 +317,9 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
                 f"{report.quarantined}; rejected rows are in {config.paths.quarantine_dir}",
                 report,
             )
+        t0 = time.perf_counter()
         parts = _write_events(stage, reports, config, work)
+        logger.info("wrote %d partitions in %.1f s", len(parts), time.perf_counter() - t0)
     report = _report(reports, parts, plans, config, "ok", started)
     report.save(events_dir.parent / REPORT_FILE)
     logger.info("ingested %d rows: %d events, %d duplicates, %d quarantined, %d partitions",

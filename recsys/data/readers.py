@@ -223,6 +223,9 @@ def _scan_text(path: Path, spec: ReadSpec) -> RawInput:
     n = len(names)
     line = pl.col("line")
     parts = line.str.splitn(sep, n + 1)
+    # Unquoting costs several passes per field: only pay for it when the file has a quote at all.
+    quoted = pl.scan_lines(path).select(line.str.contains('"', literal=True).any()).collect().item()
+    field = _unquote if quoted else (lambda e: e)
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in names}}
     lf = pl.scan_lines(path, row_index_name="_line").with_columns(pl.col("_line").cast(pl.Int64))
     if spec.has_header:
@@ -230,7 +233,7 @@ def _scan_text(path: Path, spec: ReadSpec) -> RawInput:
     else:
         lf = lf.with_columns(_row=pl.col("_line") + 1)
     shape = (
-        pl.when(line.str.strip_chars() == "").then(pl.lit(SHAPE_BLANK))
+        pl.when(line.str.contains(r"^\s*$")).then(pl.lit(SHAPE_BLANK))
         .when(parts.struct.field(f"field_{n - 1}").is_null()).then(pl.lit(SHAPE_SHORT))
         .when(parts.struct.field(f"field_{n}").is_not_null()).then(pl.lit(SHAPE_LONG))
         .otherwise(pl.lit(None, dtype=pl.String))
@@ -239,7 +242,7 @@ def _scan_text(path: Path, spec: ReadSpec) -> RawInput:
         pl.col("_row"),
         line.alias("_raw"),
         shape.alias("_shape"),
-        *[_unquote(parts.struct.field(f"field_{names.index(c)}")).alias(f) for f, c in cols.items()],
+        *[field(parts.struct.field(f"field_{names.index(c)}")).alias(f) for f, c in cols.items()],
     )
     return RawInput(path, spec, frame, list(cols), _ends_with_newline(path))
 
@@ -258,7 +261,7 @@ def _scan_ndjson(path: Path, spec: ReadSpec) -> RawInput:
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in present}}
     line = pl.col("line")
     shape = (
-        pl.when(line.str.strip_chars() == "").then(pl.lit(SHAPE_BLANK))
+        pl.when(line.str.contains(r"^\s*$")).then(pl.lit(SHAPE_BLANK))
         .when(line.str.json_path_match("$").is_null()).then(pl.lit(SHAPE_BAD_JSON))
         .otherwise(pl.lit(None, dtype=pl.String))
     )

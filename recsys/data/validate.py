@@ -44,6 +44,7 @@ BUCKET_BLANK = -2
 US_PER_DAY = 86_400_000_000
 SAMPLE_ROWS = 10_000
 INT_SHARE = 0.99  # "auto" id type: integers when at least this share of sampled ids parse as one
+MIXED_SHARE = 0.01  # a timestamp encoding under this share of the sample is taken for garbage
 # One exact format per file is several times faster than trying all of them on every row; the first
 # that parses every sampled value is used, else the general parser below. Fast formats come first.
 _ISO_SINGLE = (
@@ -126,8 +127,9 @@ def choose_ts_mode(sample: pl.Series, ts_unit: str) -> str:
     s = s.filter(s.is_not_null() & (s != ""))
     if s.len() == 0:
         return "numeric"
-    share = float(s.cast(pl.Float64, strict=False).is_not_null().mean())
-    return "numeric" if share == 1.0 else "iso" if share == 0.0 else "mixed"
+    f = s.cast(pl.Float64, strict=False)
+    share = float((f.is_not_null() & f.is_finite()).mean())  # "NaN" is garbage, not a number
+    return "numeric" if share > 1 - MIXED_SHARE else "iso" if share < MIXED_SHARE else "mixed"
 
 
 def _parse_single(text: pl.Expr, fmt: tuple[str, str], timezone: str) -> pl.Expr:
@@ -168,8 +170,13 @@ def _text(name: str) -> pl.Expr:
     return pl.when(s == "").then(None).otherwise(s)
 
 
+def _is_texty(dtype: pl.DataType) -> bool:
+    """Columns read as text (and anything exotic): cleaned once with ``_text`` before parsing."""
+    return not (dtype.is_numeric() or dtype == pl.Date or isinstance(dtype, pl.Datetime))
+
+
 def _id(name: str, dtype: pl.DataType, in_dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr]:
-    """(typed id, is-null-in-input) for an id column."""
+    """(typed id, is-null-in-input) for an id column (text columns arrive cleaned)."""
     if in_dtype.is_integer():
         raw_null = pl.col(name).is_null()
         return pl.col(name).cast(dtype), raw_null
@@ -177,12 +184,12 @@ def _id(name: str, dtype: pl.DataType, in_dtype: pl.DataType) -> tuple[pl.Expr, 
         c = pl.col(name)
         ok = c.is_finite() & (c == c.round())
         return pl.when(ok).then(c.cast(pl.Int64, strict=False)), c.is_null()
-    text = _text(name)
+    text = pl.col(name).cast(_STR)
     value = text.cast(pl.Int64, strict=False) if dtype == pl.Int64 else text
     return value, text.is_null()
 
 
-def _numeric_us(text: pl.Expr, unit: str) -> tuple[pl.Expr, pl.Expr]:
+def _numeric_us(text: pl.Expr, unit: str, is_float: bool = False) -> tuple[pl.Expr, pl.Expr]:
     """(float microseconds, parsed) for unix times; "auto" picks s/ms/us/ns per value by magnitude.
 
     The magnitudes do not overlap inside any sane range: 1e11 s is year 5138 and 1e11 ms is 1973,
@@ -196,7 +203,7 @@ def _numeric_us(text: pl.Expr, unit: str) -> tuple[pl.Expr, pl.Expr]:
     else:
         a = f.abs()
         scale = pl.when(a < 1e11).then(1e6).when(a < 1e14).then(1e3).when(a < 1e17).then(1.0).otherwise(1e-3)
-    i = text.cast(pl.Int64, strict=False)
+    i = pl.lit(None, dtype=pl.Int64) if is_float else text.cast(pl.Int64, strict=False)
     # exact integer arithmetic when the value is an integer (floats lose ns-level digits)
     exact = pl.when(scale >= 1.0).then(i * scale.cast(pl.Int64)).otherwise(i // 1000)
     us = pl.when(i.is_not_null()).then(exact.cast(pl.Float64)).otherwise(f * scale)
@@ -216,8 +223,12 @@ def _iso_us(text: pl.Expr, timezone: str) -> pl.Expr:
     return pl.coalesce([*zoned, naive]).dt.epoch("us")
 
 
-def _ts_us(in_dtype: pl.DataType, plan: ParsePlan) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
-    """(float microseconds UTC, is-null-in-input, parsed) for the ts field."""
+def _ts_us(in_dtype: pl.DataType, plan: ParsePlan) -> tuple[pl.Expr, pl.Expr, pl.Expr | None]:
+    """(float microseconds UTC, is-null-in-input, parsed) for the ts field (text arrives cleaned).
+
+    ``parsed`` None means "the microseconds are not null", checked in a later stage so the parse
+    is not run twice.
+    """
     if plan.ts_mode == "datetime":
         c = pl.col(TS)
         if in_dtype == pl.Date:
@@ -227,13 +238,16 @@ def _ts_us(in_dtype: pl.DataType, plan: ParsePlan) -> tuple[pl.Expr, pl.Expr, pl
         else:
             c = c.dt.replace_time_zone(plan.timezone, ambiguous="earliest", non_existent="null")
         us = c.dt.epoch("us").cast(pl.Float64)
-        return us, pl.col(TS).is_null(), us.is_not_null()
-    text = _text(TS)
+        return us, pl.col(TS).is_null(), None
+    text = pl.col(TS)
     if plan.ts_mode == "numeric":
-        us, parsed = _numeric_us(text, plan.ts_unit)
+        us, parsed = _numeric_us(text, plan.ts_unit, in_dtype.is_float())
     elif plan.ts_mode == "mixed":
         num, num_ok = _numeric_us(text, plan.ts_unit)
-        iso = _iso_us(text, plan.timezone).cast(pl.Float64)
+        if plan.iso_format is not None:
+            iso = _parse_single(text, plan.iso_format, plan.timezone).dt.epoch("us").cast(pl.Float64)
+        else:
+            iso = _iso_us(text, plan.timezone).cast(pl.Float64)
         us = pl.when(num_ok).then(num).otherwise(iso)
         parsed = num_ok | iso.is_not_null()
     else:
@@ -241,7 +255,7 @@ def _ts_us(in_dtype: pl.DataType, plan: ParsePlan) -> tuple[pl.Expr, pl.Expr, pl
             us = _parse_single(text, plan.iso_format, plan.timezone).dt.epoch("us").cast(pl.Float64)
         else:
             us = _iso_us(text, plan.timezone).cast(pl.Float64)
-        parsed = us.is_not_null()
+        parsed = None
     return us, text.is_null(), parsed
 
 
@@ -252,31 +266,38 @@ def normalise(raw: RawInput, plan: ParsePlan, file_index: int, n_buckets: int) -
     polars does not share a sub-expression used in several ``when`` branches.
     """
     schema = raw.frame.collect_schema()
+    texty = [f for f in raw.fields if _is_texty(schema[f])]
+    frame = raw.frame.with_columns([_text(f).alias(f) for f in texty])
+    schema = frame.collect_schema()
     user, user_null = _id(USER_ID, plan.user_type, schema[USER_ID])
     item, item_null = _id(ITEM_ID, plan.item_type, schema[ITEM_ID])
     us, ts_null, ts_parsed = _ts_us(schema[TS], plan)
+    off = pl.lit(0, dtype=pl.Int64)
     if TS_OFFSET_MS in raw.fields:
-        off_text = _text(TS_OFFSET_MS)
-        off = off_text.cast(pl.Int64, strict=False)
-        ts_null = ts_null | off_text.is_null()
-        ts_parsed = ts_parsed & off.is_not_null()
-        us = us + off.cast(pl.Float64) * 1e3
+        off = pl.col(TS_OFFSET_MS).cast(pl.Int64, strict=False)
+        ts_null = ts_null | pl.col(TS_OFFSET_MS).is_null()
     if WATCH_SECONDS in raw.fields:
-        ws_text = _text(WATCH_SECONDS)
-        watch = ws_text.cast(pl.Float64, strict=False)
-        watch_bad = ws_text.is_not_null() & ~(watch.is_not_null() & watch.is_finite() & (watch >= 0))
+        ws = pl.col(WATCH_SECONDS)
+        watch = ws.cast(pl.Float64, strict=False)
+        watch_bad = ws.is_not_null() & ~(watch.is_not_null() & watch.is_finite() & (watch >= 0))
     else:
         watch, watch_bad = pl.lit(None, dtype=pl.Float64), pl.lit(False)
-    event_type = _text(EVENT_TYPE) if EVENT_TYPE in raw.fields else pl.lit(None, dtype=_STR)
-    typed = raw.frame.select(
+    event_type = pl.col(EVENT_TYPE).cast(_STR) if EVENT_TYPE in raw.fields else pl.lit(None, dtype=_STR)
+    typed = frame.select(
         pl.col("_row"), pl.col("_raw"), pl.col("_shape"),
         user.alias(USER_ID), user_null.alias("_user_null"),
         item.alias(ITEM_ID), item_null.alias("_item_null"),
-        us.alias("_us"), ts_null.alias("_ts_null"), ts_parsed.alias("_ts_parsed"),
+        us.alias("_us"), ts_null.alias("_ts_null"), off.alias("_off"),
+        (ts_parsed if ts_parsed is not None else pl.lit(True)).alias("_ts_parsed"),
         watch.alias(WATCH_SECONDS), watch_bad.alias("_watch_bad"),
         event_type.alias(EVENT_TYPE),
     )
     c = pl.col
+    # the offset (DIGINETICA timeframe, ms) must parse too; a missing one was counted as a null ts
+    typed = typed.with_columns(
+        (c("_ts_parsed") & c("_us").is_not_null() & c("_off").is_not_null()).alias("_ts_parsed"),
+        (c("_us") + c("_off").cast(pl.Float64) * 1e3).alias("_us"),
+    )
     in_range = (c("_us") >= plan.min_us) & (c("_us") <= plan.max_us)
     reason = (
         pl.when(c("_shape").is_not_null()).then(c("_shape"))
