@@ -156,7 +156,7 @@ class GRU4Rec(nn.Module):
 
     def step(self, items: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One step from item indices: items [B] -> (output [B, H], new state [n_layers, B, S])."""
-        return self.step_rows(self.input_table()[items], state)  # rows [B, I]
+        return self.step_rows(F.embedding(items, self.input_table()), state)  # rows [B, I]
 
     # --- contract API -------------------------------------------------------------------------------
 
@@ -166,7 +166,7 @@ class GRU4Rec(nn.Module):
         Causal, so padding after ``length`` never affects earlier positions.
         """
         B, L = items.shape
-        x = self.input_table()[items]  # [B, L, I]
+        x = F.embedding(items, self.input_table())  # [B, L, I]
         gx = self.embed(x)  # [B, L, g*H]
         for i, layer in enumerate(self.layers):
             if i > 0:

@@ -78,7 +78,7 @@ class SparseRowOptimizer:
         """Gradient rows summed over duplicate indices, one row per occurrence: [K, ...]."""
         buf = self._scratch[name]
         buf.index_add_(0, idx, grad.to(buf.dtype))  # [n, ...]
-        rows = buf[idx]  # [K, ...] duplicates read the same summed row
+        rows = buf.index_select(0, idx)  # [K, ...] duplicates read the same summed row
         buf.index_fill_(0, idx, 0.0)
         return rows
 
@@ -92,7 +92,9 @@ class SparseRowOptimizer:
         for name, (idx, rows) in sparse.items():
             cnt = self._count[name]
             cnt.index_add_(0, idx, torch.ones_like(idx, dtype=cnt.dtype))  # [n]
-            per_row = rows.reshape(rows.shape[0], -1).square().sum(1) / cnt[idx]  # [K] each row once
+            per_row = rows.reshape(rows.shape[0], -1).square().sum(1) / cnt.index_select(
+                0, idx
+            )  # [K] once each
             cnt.index_fill_(0, idx, 0.0)
             sq = per_row.sum() if sq is None else sq + per_row.sum()
         if sq is None:
@@ -149,18 +151,20 @@ class SparseRowOptimizer:
         """Update rows ``idx`` of table ``name`` (duplicates carry identical values, so writes agree)."""
         p, acc, vel = self.tables[name], self.table_acc[name], self.table_vel[name]
         if self.kind == "adagrad_momentum":
-            a = acc[idx] + g * g  # [K, ...]
-            acc[idx] = a
-            upd = g / (a + self.eps).sqrt() * self.lr  # [K, ...]
+            a = acc.index_select(0, idx).addcmul_(g, g)  # [K, ...]
+            acc.index_copy_(0, idx, a)
+            upd = g / (a + self.eps).sqrt_()  # [K, ...]
             if self.momentum:
-                upd = vel[idx] * self.momentum + upd  # [K, ...]
-                vel[idx] = upd
-            p[idx] = p[idx] - upd
+                upd = vel.index_select(0, idx).mul_(self.momentum).add_(upd, alpha=self.lr)  # [K, ...]
+                vel.index_copy_(0, idx, upd)
+                p.index_copy_(0, idx, p.index_select(0, idx).sub_(upd))
+            else:
+                p.index_copy_(0, idx, p.index_select(0, idx).sub_(upd, alpha=self.lr))
             return
         b1, b2 = self.betas
-        m = vel[idx].lerp_(g, 1 - b1)  # [K, ...] lazy Adam: only touched rows' moments move
-        v = acc[idx].mul_(b2).addcmul_(g, g, value=1 - b2)  # [K, ...]
-        vel[idx] = m
-        acc[idx] = v
+        m = vel.index_select(0, idx).lerp_(g, 1 - b1)  # [K, ...] lazy Adam: only touched rows' moments move
+        v = acc.index_select(0, idx).mul_(b2).addcmul_(g, g, value=1 - b2)  # [K, ...]
+        vel.index_copy_(0, idx, m)
+        acc.index_copy_(0, idx, v)
         c1, c2 = 1 - b1**self.step_count, 1 - b2**self.step_count
-        p[idx] = p[idx] - (self.lr / c1) * m / ((v / c2).sqrt() + self.eps)
+        p.index_copy_(0, idx, p.index_select(0, idx) - (self.lr / c1) * m / ((v / c2).sqrt() + self.eps))

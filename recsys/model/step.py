@@ -85,7 +85,7 @@ class SessionParallelTrainer:
             logq=self.cfg.logq,
             log_prob=self.sampler.log_prob,
         )  # []
-        return loss, new_state
+        return loss, new_state.float()  # state stays fp32 between steps even under bf16 autocast
 
     def step(self, inputs: Tensor, targets: Tensor, keep: Tensor, active: Tensor | None, state: Tensor):
         """One update. inputs/targets [B], keep [B] (0 = reset), active [B] or None; state [n_layers, B, S].
@@ -96,10 +96,10 @@ class SessionParallelTrainer:
         state = state * keep.view(1, -1, 1)  # [n_layers, B, S] zero the slots that start a sequence
         negs = self.sampler.draw()  # [n_sample]
         cols = torch.cat([targets, negs])  # [C] = [B + n_sample]
-        out_rows = model.item_out.detach()[cols].requires_grad_()  # [C, H]
-        bias_rows = model.item_bias.detach()[cols].requires_grad_()  # [C]
+        out_rows = model.item_out.detach().index_select(0, cols).requires_grad_()  # [C, H]
+        bias_rows = model.item_bias.detach().index_select(0, cols).requires_grad_()  # [C]
         table = model.item_out if self.shared else model.item_in
-        in_rows = table.detach()[inputs].requires_grad_()  # [B, I]
+        in_rows = table.detach().index_select(0, inputs).requires_grad_()  # [B, I]
         loss, new_state = self._forward(in_rows, out_rows, bias_rows, state, cols, targets, active)
         loss.backward()
         sparse = {"item_bias": (cols, bias_rows.grad)}
