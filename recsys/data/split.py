@@ -101,7 +101,7 @@ def split_sessions(
         with _SplitWriters(tmp) as writers:
             for path in files:
                 seqs = pl.read_parquet(path)
-                whole.add(seqs.with_columns(pl.lit(0, pl.Int32).alias(N_CONTEXT)))
+                whole.add_sequences(seqs)
                 for name, frame in cut(seqs).items():
                     writers.write(name, frame)
                     counts[name].add(frame, keep_items=name != "train")
@@ -171,8 +171,8 @@ class _SplitCounts:
     def __init__(self) -> None:
         self.sequences = self.events = self.targets = self.context_events = 0
         self.users: list[pl.Series] = []
-        self.lengths: list[np.ndarray] = []
-        self.items: list[pl.Series] = []  # distinct items
+        self.lengths: list[np.ndarray] = []  # input sequences only
+        self.items: list[pl.Series] = []  # distinct items, input sequences only
         self.target_items: list[pl.Series] = []  # every target, for the unseen counts
         self.context_items: list[pl.Series] = []
 
@@ -187,11 +187,18 @@ class _SplitCounts:
         self.targets += int(is_target.sum())
         self.context_events += int(np.minimum(n_context, lengths).sum())
         self.users.append(frame[USER_ID].unique())
-        self.lengths.append(lengths)
-        self.items.append(flat.unique())
         if keep_items:
             self.target_items.append(flat.filter(pl.Series(is_target)))
             self.context_items.append(flat.filter(pl.Series(~is_target)))
+
+    def add_sequences(self, frame: pl.DataFrame) -> None:
+        """Only what :meth:`sequence_stats` needs, for the input sequences."""
+        lengths = frame[ITEMS].list.len().to_numpy().astype(np.int64)
+        self.sequences += frame.height
+        self.events += int(lengths.sum())
+        self.users.append(frame[USER_ID].unique())
+        self.lengths.append(lengths)
+        self.items.append(frame[ITEMS].explode().unique())
 
     def _n_unique(self, parts: list[pl.Series]) -> int:
         return pl.concat(parts).n_unique() if parts else 0
