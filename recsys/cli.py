@@ -203,6 +203,8 @@ def train(
     checkpoint_dir: Annotated[
         Path | None, typer.Option("--checkpoint-dir", help="Default: <data_root>/checkpoints/<run_name>.")
     ] = None,
+    track: Annotated[bool, typer.Option(
+        "--track/--no-track", help="Record the run in MLflow and register the model as @challenger.")] = True,
     conf: ConfOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -213,7 +215,10 @@ def train(
 
     config = load_cli_config(conf, set_)
     try:
-        result = train_model(config, split_dir, checkpoint_dir, resume=resume)
+        if track:  # MLflow run + registered version; an unreachable store is a RuntimeError naming the fix
+            result = _train_tracked(config, split_dir, checkpoint_dir, resume)
+        else:
+            result = train_model(config, split_dir, checkpoint_dir, resume=resume)
     except (FileNotFoundError, ValueError, NonFiniteLossError, RuntimeError) as exc:
         raise fail(str(exc)) from None
     rows = {"gru4rec": result.test_metrics, **result.baseline_metrics}
@@ -284,6 +289,21 @@ def evaluate(
 def _tracking_error(exc: Exception) -> typer.Exit:
     """Store unreachable, unknown model or version: one clear line, exit 1."""
     return fail(str(exc))
+
+
+def _train_tracked(config: Config, split_dir: Path | None, checkpoint_dir: Path | None, resume: bool):
+    """``recsys train`` with tracking: the MLflow run and registered version, and the TrainResult."""
+    from recsys.tracking import tracked_training
+    from recsys.train import TrainResult
+
+    out = tracked_training(config, split_dir, resume=resume, checkpoint_dir=checkpoint_dir)
+    console.print(f"MLflow run {out['run_id']} ({out['tracking_uri']}); registered {out['registered_model']} "
+                  f"version {out['model_version']} as @challenger")
+    return TrainResult(
+        best_checkpoint=Path(out["checkpoint"]), history=out["history"], test_metrics=out["test_metrics"],
+        baseline_metrics=out["baseline_metrics"], device=out["device"], n_items=out["n_items"],
+        best_epoch=out["best_epoch"], stopped_early=out["stopped_early"],
+    )
 
 
 @app.command()

@@ -314,19 +314,23 @@ def _start_run(config: Config, store: TrackingStore, split_dir: Path, checkpoint
     return run.info.run_id
 
 
-def tracked_training(config: Config, split_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+def tracked_training(
+    config: Config, split_dir: Path | None = None, resume: bool = False, checkpoint_dir: Path | None = None
+) -> dict[str, Any]:
     """Train GRU4Rec inside an MLflow run, log everything, register the model as the new challenger.
 
-    Returns ``{"run_id", "model_version", "registered_model", "metrics", "checkpoint", "tracking_uri"}``.
-    If the store is unreachable (before, during or after training) training still completes and a
-    :class:`TrackingUnavailableError` names the kept checkpoint and the ``recsys register`` command.
-    ``resume=True`` continues both the checkpoint (``train_model``) and its unfinished MLflow run.
+    Returns ``{"run_id", "model_version", "registered_model", "metrics", "checkpoint", "tracking_uri"}``
+    plus the plain training summary (``test_metrics``, ``baseline_metrics``, ``history``, ``best_epoch``,
+    ``stopped_early``, ``device``). If the store is unreachable (before, during or after training)
+    training still completes and a :class:`TrackingUnavailableError` names the kept checkpoint and the
+    ``recsys register`` command. ``resume=True`` continues both the checkpoint (``train_model``) and its
+    unfinished MLflow run. ``checkpoint_dir`` defaults to ``checkpoints/<train.run_name>``.
     """
     from recsys.registry import log_and_register
     from recsys.train import train_model
 
     split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
-    checkpoint_dir = (config.paths.checkpoints_dir / config.train.run_name).resolve()
+    checkpoint_dir = Path(checkpoint_dir or config.paths.checkpoints_dir / config.train.run_name).resolve()
     uri = resolve_tracking_uri(config)
     with checkpoint_dir_lock(checkpoint_dir):
         run_id: str | None = None
@@ -373,6 +377,13 @@ def tracked_training(config: Config, split_dir: Path | None = None, resume: bool
         "metrics": metrics,
         "checkpoint": str(checkpoint),
         "tracking_uri": uri,
+        "test_metrics": dict(result.test_metrics),
+        "baseline_metrics": {k: dict(v) for k, v in result.baseline_metrics.items()},
+        "history": list(result.history),
+        "best_epoch": int(getattr(result, "best_epoch", 0)),
+        "stopped_early": bool(getattr(result, "stopped_early", False)),
+        "device": str(result.device),
+        "n_items": int(result.n_items),
     }
 
 
