@@ -57,7 +57,7 @@ class ItemKNN:
     other items; every other item scores 0 (self-similarity is not used).
     """
 
-    neighbours: torch.Tensor  # [n_items, k] int64 neighbour indices
+    neighbours: torch.Tensor  # [n_items, k] int32 neighbour indices (padding: the item itself, sim 0)
     similarities: torch.Tensor  # [n_items, k] float32 similarity of each neighbour
     n_items: int
     name: str = "item-knn"
@@ -72,55 +72,56 @@ class ItemKNN:
         lam: float = 20.0,
         *,
         max_session_items: int = 200,
-        block_cells: int = 1 << 23,
         pair_budget: int = 1 << 23,
     ) -> ItemKNN:
-        """Count co-occurrences block by block of item rows, keep the top neighbours of each row.
+        """Count co-occurring pairs sparsely, block by block of item rows; keep each row's top neighbours.
 
-        Memory is bounded by ``block_cells`` (dense rows x n_items per block) and ``pair_budget``
-        (co-occurrence pairs generated per block); sequences are capped to their last
-        ``max_session_items`` events so one very long history cannot dominate time and memory.
+        Work and memory scale with the number of co-occurring pairs, never with n_items squared:
+        ``pair_budget`` bounds the pairs generated per block, and sequences are capped to their last
+        ``max_session_items`` events so one very long history cannot dominate. Equal similarities are
+        kept in neighbour-index order, so the result is deterministic.
         """
         if neighbours < 1:
             raise ValueError(f"neighbours must be >= 1, got {neighbours}")
-        k = min(neighbours, n_items)
+        k = max(1, min(neighbours, n_items - 1))
         sess, item = _session_item_sets(train, n_items, max_session_items)
-        n_seq = train.n_sequences
-        sess_len = np.bincount(sess, minlength=n_seq).astype(np.int64)  # [S] distinct items per sequence
+        sess_len = np.bincount(sess, minlength=train.n_sequences).astype(np.int64)  # [S] distinct items
         sess_ptr = np.concatenate([[0], np.cumsum(sess_len)])  # CSR over (sess, item), sorted by sess
         cnt = np.bincount(item, minlength=n_items).astype(np.int64)  # [n] sequences containing the item
-        by_item = np.argsort(item, kind="stable")
-        inv_sess = sess[by_item]  # sequences of item 0, then item 1, ...
+        inv_sess = sess[np.argsort(item, kind="stable")]  # sequences of item 0, then item 1, ...
         item_ptr = np.concatenate([[0], np.cumsum(cnt)])
         # pairs (i, *) generated for row i: the total length of the sequences containing i
         pairs_per_item = np.bincount(item, weights=sess_len[sess], minlength=n_items).astype(np.int64)
-
-        nb_idx = torch.zeros((n_items, k), dtype=torch.int64)
-        nb_sim = torch.zeros((n_items, k), dtype=torch.float32)
-        max_rows = max(1, block_cells // max(n_items, 1))
         sqrt_cnt = np.sqrt(cnt.astype(np.float64))
+
+        # padding: an item's own index with similarity 0 (never a real neighbour, so scatter is safe)
+        nb_idx = np.repeat(np.arange(n_items, dtype=np.int32)[:, None], k, axis=1)  # [n, k]
+        nb_sim = np.zeros((n_items, k), dtype=np.float32)  # [n, k]
         a = 0
         while a < n_items:
-            b = _block_end(pairs_per_item, a, max_rows, pair_budget)
-            rows = b - a
+            b = _block_end(pairs_per_item, a, pair_budget)
             ent_sess = inv_sess[item_ptr[a] : item_ptr[b]]  # sequences of each row item
-            ent_row = np.repeat(np.arange(rows, dtype=np.int64), cnt[a:b])
+            ent_row = np.repeat(np.arange(a, b, dtype=np.int64), cnt[a:b])
             lengths = sess_len[ent_sess]
-            total = int(lengths.sum())
-            pair_row = np.repeat(ent_row, lengths)
-            within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            pair_col = item[np.repeat(sess_ptr[ent_sess], lengths) + within]
-            cooc = np.bincount(pair_row * n_items + pair_col, minlength=rows * n_items)
-            cooc = cooc.reshape(rows, n_items).astype(np.float64)  # [rows, n]
-            cooc[np.arange(rows), np.arange(a, b)] = 0.0  # an item is not its own neighbour
-            denom = sqrt_cnt[a:b, None] * sqrt_cnt[None, :] + lam  # [rows, n]
-            sim = np.divide(cooc, denom, out=np.zeros_like(cooc), where=cooc > 0)
-            top = torch.topk(torch.from_numpy(sim.astype(np.float32)), k, dim=1)
-            nb_sim[a:b], nb_idx[a:b] = top.values, top.indices
+            within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths,
+                                                                              lengths)
+            pair_col = item[np.repeat(sess_ptr[ent_sess], lengths) + within]  # [P]
+            keys, cooc = np.unique(np.repeat(ent_row, lengths) * n_items + pair_col, return_counts=True)
+            row, col = keys // n_items, keys % n_items
+            real = row != col  # an item is not its own neighbour
+            row, col, cooc = row[real], col[real], cooc[real]
+            sim = cooc / (sqrt_cnt[row] * sqrt_cnt[col] + lam)  # [p] cosine with shrinkage
+            order = np.lexsort((col, -sim, row))  # by row, best first, ties by index
+            row, col, sim = row[order], col[order], sim[order]
+            first = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])  # start of each row's run
+            rank = np.arange(len(row)) - np.repeat(first, np.diff(np.r_[first, len(row)]))
+            keep = rank < k
+            nb_idx[row[keep], rank[keep]] = col[keep]
+            nb_sim[row[keep], rank[keep]] = sim[keep]
             a = b
-        log.info("item-kNN: %d items, %d neighbours each, %d co-occurrence pairs counted",
+        log.info("item-kNN: %d items, up to %d neighbours each, %d co-occurrence pairs counted",
                  n_items, k, int(pairs_per_item.sum()))
-        return cls(nb_idx, nb_sim, n_items)
+        return cls(torch.from_numpy(nb_idx), torch.from_numpy(nb_sim), n_items)
 
     def encode_queries(self, seqs: SequenceSet) -> torch.Tensor:
         seq, pos = seqs.queries()
@@ -131,7 +132,7 @@ class ItemKNN:
         nb_idx, nb_sim = self._on(states.device)
         last = states[:, 0].long()  # [b]
         scores = torch.zeros((states.shape[0], self.n_items), device=states.device)  # [b, n_items]
-        return scores.scatter_(1, nb_idx[last], nb_sim[last])
+        return scores.scatter_(1, nb_idx[last].long(), nb_sim[last])
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
@@ -150,12 +151,10 @@ def _session_item_sets(train: SequenceSet, n_items: int, max_items: int) -> tupl
     return keys // n_items, keys % n_items
 
 
-def _block_end(pairs_per_item: np.ndarray, start: int, max_rows: int, pair_budget: int) -> int:
-    """End of the row block from ``start``: at most ``max_rows`` rows and ``pair_budget`` pairs (>= 1 row)."""
-    stop = min(start + max_rows, len(pairs_per_item))
-    within = np.cumsum(pairs_per_item[start:stop])
-    fits = int(np.searchsorted(within, pair_budget, side="right"))
-    return start + max(1, fits)
+def _block_end(pairs_per_item: np.ndarray, start: int, pair_budget: int) -> int:
+    """End of the row block from ``start``: as many rows as fit ``pair_budget`` pairs (at least one)."""
+    within = np.cumsum(pairs_per_item[start:])
+    return start + max(1, int(np.searchsorted(within, pair_budget, side="right")))
 
 
 def fit_baselines(config: Config, train: SequenceSet, n_items: int) -> dict[str, Recommender]:

@@ -80,7 +80,7 @@ def test_item_knn_keeps_only_top_neighbours():
 
 def test_item_knn_blocking_does_not_change_the_result():
     default = ItemKNN.fit(make_seqs(TRAIN), N_ITEMS, neighbours=3, lam=0.5)
-    tiny_blocks = ItemKNN.fit(make_seqs(TRAIN), N_ITEMS, neighbours=3, lam=0.5, block_cells=1, pair_budget=1)
+    tiny_blocks = ItemKNN.fit(make_seqs(TRAIN), N_ITEMS, neighbours=3, lam=0.5, pair_budget=1)
     np.testing.assert_array_equal(dense(default), dense(tiny_blocks))
 
 
@@ -110,3 +110,10 @@ def test_fit_baselines_uses_configured_knn_settings():
     models = fit_baselines(config, make_seqs(TRAIN), N_ITEMS)
     assert list(models) == ["item-knn", "most-popular"]
     assert models["item-knn"].neighbours.shape == (N_ITEMS, 1)
+    assert models["item-knn"].neighbours[0].tolist() == [2]  # 2 / sqrt(6) beats 2 / 3
+
+
+def test_item_knn_equal_similarities_keep_the_lower_index():
+    knn = ItemKNN.fit(make_seqs([[0, 2], [0, 1]]), 3, neighbours=1, lam=0.0)
+    assert knn.neighbours[0].tolist() == [1]  # sim(0, 1) == sim(0, 2) == 1 / sqrt(2)
+    assert knn.similarities[0].tolist() == [pytest.approx(1 / math.sqrt(2))]
