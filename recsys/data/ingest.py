@@ -93,6 +93,7 @@ class IngestReport:
     partition_mode: str
     user_id_type: str
     item_id_type: str
+    partitions_replaced: int = 0  # of ``partitions``, those that held events before this run
     status: str = "ok"
     seconds: float = 0.0
 
@@ -232,10 +233,12 @@ def _with_stored(frame: pl.DataFrame, events_dir: Path) -> pl.DataFrame:
 
 def _write_events(
     stage: Path, reports: list[FileReport], config: Config, work: Path
-) -> list[str]:
+) -> tuple[list[str], int]:
+    """Write every touched date partition; (partition names, how many of them already existed)."""
     events_dir = config.paths.events_dir
     merge = config.ingest.partition_mode == "merge"
     written: list[str] = []
+    replaced = 0
     for bucket in range(config.ingest.staging_buckets):
         lf = _scan_bucket(stage, bucket)
         if lf is None:
@@ -250,10 +253,10 @@ def _write_events(
             reports[i].events_written += int(n)
         for (day,), part in kept.partition_by("_day", as_dict=True, maintain_order=True).items():
             name = day.isoformat()
-            partitions.replace_partition(part.select(EVENT_COLUMNS), events_dir, name, work)
+            replaced += partitions.replace_partition(part.select(EVENT_COLUMNS), events_dir, name, work)
             written.append(f"event_date={name}")
         logger.debug("bucket %d: %d events in %d partitions", bucket, kept.height, kept["_day"].n_unique())
-    return sorted(written)
+    return sorted(written), replaced
 
 
 def _report(reports: list[FileReport], parts: list[str], plans: list[ParsePlan], config: Config,
@@ -318,9 +321,10 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
                 report,
             )
         t0 = time.perf_counter()
-        parts = _write_events(stage, reports, config, work)
+        parts, replaced = _write_events(stage, reports, config, work)
         logger.info("wrote %d partitions in %.1f s", len(parts), time.perf_counter() - t0)
     report = _report(reports, parts, plans, config, "ok", started)
+    report.partitions_replaced = replaced
     report.save(events_dir.parent / REPORT_FILE)
     logger.info("ingested %d rows: %d events, %d duplicates, %d quarantined, %d partitions",
                 report.rows_in, report.events_written, report.duplicates, report.n_quarantined,

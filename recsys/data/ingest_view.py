@@ -29,6 +29,7 @@ def ingest_tables(report: IngestReport) -> Group:
         ("duplicates removed", f"{report.duplicates:,}"),
         ("rows quarantined", f"{report.n_quarantined:,} ({report.bad_fraction:.2%})"),
         ("partitions written", _partition_span(report.partitions)),
+        ("  of which replaced", f"{report.partitions_replaced:,} ({report.partition_mode} mode)"),
         ("id types (user, item)", f"{report.user_id_type}, {report.item_id_type}"),
         ("time", f"{report.seconds:.1f} s ({rate:,.0f} rows/s)"),
     ):

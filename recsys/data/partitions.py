@@ -50,9 +50,10 @@ def commit_file(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def replace_partition(frame: pl.DataFrame, events_dir: Path, day: str, work: Path) -> Path:
-    """Make ``frame`` the whole content of the ``day`` partition, atomically."""
+def replace_partition(frame: pl.DataFrame, events_dir: Path, day: str, work: Path) -> bool:
+    """Make ``frame`` the whole content of the ``day`` partition, atomically; True if it existed."""
     dest_dir = partition_dir(events_dir, day)
+    existed = any(dest_dir.glob("*.parquet"))
     tmp = work / "commit" / f"{day}.parquet"
     write_parquet_durable(frame, tmp)
     commit_file(tmp, dest_dir / PART_FILE)
@@ -60,7 +61,7 @@ def replace_partition(frame: pl.DataFrame, events_dir: Path, day: str, work: Pat
     for other in sorted(dest_dir.glob("*.parquet")):
         if other.name != PART_FILE:
             other.unlink()
-    return dest_dir
+    return existed
 
 
 def read_partition(events_dir: Path, day: str) -> pl.DataFrame | None:

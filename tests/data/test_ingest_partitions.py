@@ -42,6 +42,7 @@ def test_new_input_replaces_only_the_dates_it_covers(tmp_path):
     before = tree_hashes(root / "events")
     report = run([_log(tmp_path, "d2d3.csv", [(2, 5, T0 + DAY), (2, 6, T0 + 2 * DAY)])], root)
     assert report.partitions == ["event_date=2026-01-02", "event_date=2026-01-03"]
+    assert report.partitions_replaced == 1
     after = tree_hashes(root / "events")
     day1 = "event_date=2026-01-01/part-0.parquet"
     assert after[day1] == before[day1]
