@@ -111,7 +111,7 @@ class IngestConfig(Section):
         Literal["movielens-100k", "movielens-dat", "movielens-csv", "yoochoose", "diginetica"] | None
     ) = None
     columns: ColumnMapping = ColumnMapping()
-    separator: str | None = None  # None: from the format (',' for csv, '\t' for tsv)
+    separator: str | None = Field(None, min_length=1)  # None: from the format (',' for csv, '\t' for tsv)
     has_header: bool = True
     ts_unit: Literal["auto", "s", "ms", "iso"] = "auto"
     min_ts: datetime = datetime(1990, 1, 1)  # earlier timestamps are quarantined as out of range
