@@ -78,6 +78,21 @@ def history_pairs(seqs: SequenceSet, seq: np.ndarray, pos: np.ndarray) -> tuple[
     return rows, seqs.items[flat]
 
 
+def count_at_least(scores: torch.Tensor, threshold: torch.Tensor, block_cells: int = 1 << 23) -> torch.Tensor:
+    """Per row, the number of scores >= ``threshold`` ([b, n], [b, 1] -> int64 [b]).
+
+    Counted over column blocks so the temporary mask stays small (a full [b, n] mask plus its integer
+    copy would double the chunk's memory), summing uint8 with an int32 accumulator (about 3x faster on
+    CPU than summing a bool mask into int64).
+    """
+    b, n = scores.shape
+    width = max(1024, block_cells // max(b, 1))
+    count = torch.zeros(b, dtype=torch.int32, device=scores.device)
+    for lo in range(0, n, width):
+        count += (scores[:, lo : lo + width] >= threshold).view(torch.uint8).sum(dim=1, dtype=torch.int32)
+    return count.long()
+
+
 def canonical_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, item indices) per row, ties broken towards the lower item index.
 
@@ -160,8 +175,7 @@ def evaluate_recommender(
 
         tgt = torch.from_numpy(targets[lo:hi]).to(device)  # [b]
         tgt_score = scores.gather(1, tgt[:, None])  # [b, 1]
-        # conservative: ties rank ahead of the target (uint8 sum: 3x faster than a bool sum on CPU)
-        rank = (scores >= tgt_score).view(torch.uint8).sum(dim=1, dtype=torch.int32).long()  # [b]
+        rank = count_at_least(scores, tgt_score)  # [b] conservative: ties rank ahead of the target
         rank[tgt_score[:, 0] == -math.inf] = n_items + 1  # a masked target is a miss
 
         vals, idx = canonical_topk(scores, list_k)  # [b, list_k]

@@ -17,6 +17,7 @@ from recsys.data.vocab import Vocab
 from recsys.evaluate import (
     Recommender,
     canonical_topk,
+    count_at_least,
     evaluate_all,
     evaluate_recommender,
     history_pairs,
@@ -161,6 +162,14 @@ def test_canonical_topk_breaks_ties_by_lower_index_even_outside_the_list():
     vals, idx = canonical_topk(scores, 2)
     assert idx.tolist() == [[1, 2], [4, 0]]
     assert vals.tolist() == [[3.0, 3.0], [5.0, 0.0]]
+
+
+def test_count_at_least_over_column_blocks():
+    scores = torch.round(torch.rand(5, 2500) * 10) / 10  # [5, 2500], many ties
+    threshold = scores[:, 7:8]
+    expected = (scores >= threshold).sum(dim=1)
+    assert torch.equal(count_at_least(scores, threshold, block_cells=1), expected)  # 1024-column blocks
+    assert torch.equal(count_at_least(scores, threshold), expected)
 
 
 def test_resolve_exclude_seen_rule():
