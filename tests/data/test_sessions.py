@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import recsys.data.sessions as sessions_mod
 from recsys.config import Config, PathsConfig, SessionsConfig
@@ -139,21 +142,25 @@ def random_rows(n: int = 3000, seed: int = 0) -> list[tuple]:
 
 
 def reference_sessions(rows: list[tuple], cfg: SessionsConfig) -> list[tuple]:
-    """Plain-Python sessioniser following the module docstring, to compare against."""
+    """Plain-Python sessioniser following the module docstring, to compare against.
+
+    rows: (user, item, ts) or (user, item, ts, watch_seconds | None).
+    """
     support: dict[int, int] = {}
-    for _, item, _ in rows:
-        support[item] = support.get(item, 0) + 1
+    for row in rows:
+        support[row[1]] = support.get(row[1], 0) + 1
     by_user: dict[str, list] = {}
-    for user, item, ts in rows:
-        by_user.setdefault(user, []).append((ts, item))
+    for user, item, ts, *watch in rows:
+        by_user.setdefault(user, []).append((ts, item, (watch or [None])[0]))
+    from_end = cfg.gap_from_end and bool(rows) and len(rows[0]) == 4
     out = []
     for user, events in by_user.items():
-        events.sort()
-        seqs, prev = [], None
-        for ts, item in events:
-            if prev is None or (cfg.mode == "gap" and ts - prev > timedelta(minutes=cfg.gap_minutes)):
+        events.sort(key=lambda e: (e[0], e[1]))
+        seqs, prev_end = [], None
+        for ts, item, watch in events:
+            if prev_end is None or (cfg.mode == "gap" and ts - prev_end > timedelta(minutes=cfg.gap_minutes)):
                 seqs.append([])
-            prev = ts
+            prev_end = ts + timedelta(seconds=max(watch or 0.0, 0.0)) if from_end else ts
             seqs[-1].append((ts, item))
         for seq in seqs:
             seq = [(t, i) for t, i in seq if support[i] >= cfg.min_item_support]
@@ -164,6 +171,42 @@ def reference_sessions(rows: list[tuple], cfg: SessionsConfig) -> list[tuple]:
             if len(seq) >= cfg.min_length:
                 out.append((user, [i for _, i in seq], [t for t, _ in seq]))
     return sorted(out, key=lambda r: (r[0], r[2][0]))
+
+
+event_rows = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(0, 600),
+              st.one_of(st.none(), st.sampled_from([0.0, 60.0, 1500.0, 3600.0]))),
+    min_size=1, max_size=40, unique_by=lambda r: (r[0], r[1], r[2]),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=event_rows,
+    mode=st.sampled_from(["gap", "user"]),
+    gap=st.sampled_from([1.0, 25.0, 60.0]),
+    from_end=st.booleans(),
+    repeats=st.booleans(),
+    support=st.integers(1, 4),
+    min_length=st.integers(2, 4),
+    max_length=st.sampled_from([None, 2, 5]),
+    n_buckets=st.integers(1, 4),
+    presorted=st.booleans(),
+)
+def test_property_matches_reference(rows, mode, gap, from_end, repeats, support, min_length, max_length,
+                                     n_buckets, presorted):
+    rows = [(u, i, T0 + m * MIN, w) for u, i, m, w in rows]  # minutes apart; equal timestamps happen
+    cfg = SessionsConfig(mode=mode, gap_minutes=gap, gap_from_end=from_end, drop_consecutive_repeats=repeats,
+                         min_item_support=support, min_length=min_length, max_length=max_length,
+                         n_buckets=n_buckets)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Config(paths=PathsConfig(data_root=Path(tmp)), sessions=cfg)
+        write_events(config.paths.events_dir, rows, presorted=presorted)
+        stats = build_sessions(config)
+        frame = pl.read_parquet(session_files(config.paths.sessions_dir))
+    got = sorted(frame.select("user_id", "items", "ts").rows(), key=lambda r: (r[0], r[2][0]))
+    assert got == reference_sessions(rows, cfg)
+    assert frame["session_id"].is_unique().all() and stats["sessions"] == frame.height
 
 
 @pytest.mark.parametrize(("mode", "presorted"), [("gap", False), ("user", False), ("gap", True)])
