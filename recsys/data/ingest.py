@@ -194,6 +194,11 @@ def _write_quarantines(
                 public_reason(pl.col("_reason"), pl.col("_row") == last).alias("reason"),
                 pl.col("_raw").alias("raw"),
             ).collect()
+            if raw.raw_lookup is not None:
+                bad = rows["row"].implode()
+                text = raw.raw_lookup.filter(pl.col("_row").is_in(bad)).collect()
+                rows = rows.drop("raw").join(text.rename({"_row": "row", "_raw": "raw"}), on="row",
+                                             how="left", maintain_order="left")
         counts = rows.group_by("reason").len().sort("reason")
         rep.quarantined = {r: int(n) for r, n in counts.iter_rows()}
         dest = write_quarantine(rows, config.paths.quarantine_dir, raw.path, work)

@@ -99,6 +99,9 @@ class RawInput:
     frame: pl.LazyFrame
     fields: list[str]  # event fields present as columns of ``frame``
     ends_with_newline: bool | None = None  # None: unknown (compressed) or not text
+    # Parquet: ``_row`` -> ``_raw`` (row as JSON), looked up for the few bad rows only, because
+    # encoding every row as JSON would cost more than the whole validation.
+    raw_lookup: pl.LazyFrame | None = None
 
 
 def _ends_with_newline(path: Path) -> bool | None:
@@ -291,13 +294,15 @@ def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:
     _missing(path, spec, names)
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in names}}
     used = list(dict.fromkeys(cols.values()))
-    frame = lf.with_row_index("_row", offset=1).select(
-        pl.col("_row").cast(pl.Int64),
-        pl.struct(used).struct.json_encode().alias("_raw"),
+    indexed = lf.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+    frame = indexed.select(
+        pl.col("_row"),
+        pl.lit(None, dtype=pl.String).alias("_raw"),
         pl.lit(None, dtype=pl.String).alias("_shape"),
         *[pl.col(c).alias(f) for f, c in cols.items()],
     )
-    return RawInput(path, spec, frame, list(cols))
+    lookup = indexed.select(pl.col("_row"), pl.struct(used).struct.json_encode().alias("_raw"))
+    return RawInput(path, spec, frame, list(cols), raw_lookup=lookup)
 
 
 def scan_input(path: Path, config: IngestConfig) -> RawInput:
