@@ -248,16 +248,17 @@ def evaluate(
     """Rank the full catalogue for every target of a split: GRU4Rec vs item-kNN and most-popular."""
     import json
 
-    import torch
-
     from recsys.eval_table import metrics_table
     from recsys.evaluate import evaluate_all, resolve_exclude_seen
+    from recsys.train import resolve_device
 
     config = load_cli_config(conf, set_)
     if split not in ("valid", "test"):
         raise fail(f"--split must be valid or test, got {split!r}", 2)
-    dev = device or config.train.device
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
+    try:
+        dev = resolve_device(device or config.train.device)
+    except RuntimeError as exc:
+        raise fail(str(exc)) from None
     recommenders, vocab = {}, None
     if checkpoint is not None:
         from recsys.model.checkpoint import build_model, load_checkpoint
