@@ -300,12 +300,12 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
     started = time.perf_counter()
     if not inputs:
         raise IngestError("no input files given")
-    raws = [scan_input(Path(p), config.ingest) for p in inputs]
-    plans = _plans(raws, config, now)
-    reports = [FileReport(str(r.path), r.spec.kind, r.spec.preset, p.ts_mode)
-               for r, p in zip(raws, plans, strict=True)]
     events_dir = config.paths.events_dir
     with partitions.ingest_workspace(config.paths.data_root, events_dir) as work:
+        raws = [scan_input(Path(p), config.ingest, work) for p in inputs]
+        plans = _plans(raws, config, now)
+        reports = [FileReport(str(r.path), r.spec.kind, r.spec.preset, p.ts_mode)
+                   for r, p in zip(raws, plans, strict=True)]
         stage = work / "stage"
         _stage(raws, plans, config, stage)
         stats = {int(f): (int(r), int(b), lr) for f, r, b, lr in _file_stats(stage).iter_rows()}

@@ -36,6 +36,7 @@ SHAPE_BLANK = "__blank__"
 SHAPE_SHORT = "__short__"  # too few fields: "truncated_last_line" on the last row, else wrong count
 SHAPE_LONG = "wrong_field_count"
 SHAPE_BAD_JSON = "__bad_json__"  # "truncated_last_line" on the last row, else "malformed_json"
+SHAPE_BAD_ENCODING = "bad_encoding"  # a line that is not valid UTF-8 (read with U+FFFD replacements)
 SAMPLE_LINES = 1000
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 
@@ -178,11 +179,47 @@ def _check_readable(path: Path) -> None:
         raise IngestError(f"{path}: cannot read the file: {exc}") from exc
 
 
-def _sample_lines(path: Path) -> list[str]:
+class _NotUtf8(Exception):
+    """The text input holds bytes that are not UTF-8: read it through a lossy copy instead."""
+
+
+def _read_lines(path: Path, query: pl.LazyFrame) -> pl.DataFrame:
     try:
-        return pl.scan_lines(path, n_rows=SAMPLE_LINES).collect()["line"].to_list()
+        return query.collect()
     except Exception as exc:  # polars raises several error types for corrupt/compressed input
+        if "utf8" in str(exc).lower() or "utf-8" in str(exc).lower():
+            raise _NotUtf8(str(exc)) from exc
         raise IngestError(f"{path}: cannot read the file as text lines: {exc}") from exc
+
+
+def _sample_lines(path: Path, src: Path) -> list[str]:
+    return _read_lines(path, pl.scan_lines(src, n_rows=SAMPLE_LINES))["line"].to_list()
+
+
+def _open_binary(path: Path):  # noqa: ANN202 - a binary file object of either kind
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
+    return path.open("rb")
+
+
+def lossy_utf8_copy(path: Path, dest: Path, chunk: int = 1 << 22) -> Path:
+    """Decompress and re-encode ``path`` as UTF-8, invalid bytes replaced by U+FFFD (streamed)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _open_binary(path) as fin, dest.open("w", encoding="utf-8", newline="") as fout:
+        while block := fin.read(chunk):
+            fout.write(decoder.decode(block))
+        fout.write(decoder.decode(b"", final=True))
+    return dest
 
 
 def _missing(path: Path, spec: ReadSpec, available: list[str]) -> None:
@@ -206,8 +243,8 @@ def _header_names(line: str, separator: str) -> list[str]:
     return [n.strip().strip('"').strip() for n in line.split(separator)]
 
 
-def _scan_text(path: Path, spec: ReadSpec) -> RawInput:
-    sample = _sample_lines(path)
+def _scan_text(path: Path, spec: ReadSpec, src: Path, lossy: bool) -> RawInput:
+    sample = _sample_lines(path, src)
     nonblank = [s for s in sample if s.strip()]
     if not nonblank:
         raise IngestError(f"{path}: empty input (no lines)")
@@ -227,16 +264,19 @@ def _scan_text(path: Path, spec: ReadSpec) -> RawInput:
     line = pl.col("line")
     parts = line.str.splitn(sep, n + 1)
     # Unquoting costs several passes per field: only pay for it when the file has a quote at all.
-    quoted = pl.scan_lines(path).select(line.str.contains('"', literal=True).any()).collect().item()
+    # (this full pass also proves the whole file is UTF-8 before anything is staged)
+    has_quote = pl.scan_lines(src).select(line.str.contains('"', literal=True).any())
+    quoted = _read_lines(path, has_quote).item()
     field = _unquote if quoted else (lambda e: e)
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in names}}
-    lf = pl.scan_lines(path, row_index_name="_line").with_columns(pl.col("_line").cast(pl.Int64))
+    lf = pl.scan_lines(src, row_index_name="_line").with_columns(pl.col("_line").cast(pl.Int64))
     if spec.has_header:
         lf = lf.filter(pl.col("_line") >= 1).with_columns(_row=pl.col("_line"))
     else:
         lf = lf.with_columns(_row=pl.col("_line") + 1)
     shape = (
         pl.when(line.str.contains(r"^\s*$")).then(pl.lit(SHAPE_BLANK))
+        .when(_bad_encoding(lossy)).then(pl.lit(SHAPE_BAD_ENCODING))
         .when(parts.struct.field(f"field_{n - 1}").is_null()).then(pl.lit(SHAPE_SHORT))
         .when(parts.struct.field(f"field_{n}").is_not_null()).then(pl.lit(SHAPE_LONG))
         .otherwise(pl.lit(None, dtype=pl.String))
@@ -254,8 +294,12 @@ def _json_path(name: str) -> str:
     return f"$.{name}" if name.isidentifier() else "$['" + name.replace("'", "\\'") + "']"
 
 
-def _scan_ndjson(path: Path, spec: ReadSpec) -> RawInput:
-    sample = [s for s in _sample_lines(path) if s.strip()]
+def _bad_encoding(lossy: bool) -> pl.Expr:
+    return pl.col("line").str.contains("\ufffd", literal=True) if lossy else pl.lit(False)
+
+
+def _scan_ndjson(path: Path, spec: ReadSpec, src: Path, lossy: bool) -> RawInput:
+    sample = [s for s in _sample_lines(path, src) if s.strip()]
     if not sample:
         raise IngestError(f"{path}: empty input (no lines)")
     present = [c for c in {*spec.columns.values(), *spec.optional_columns.values()}
@@ -263,13 +307,15 @@ def _scan_ndjson(path: Path, spec: ReadSpec) -> RawInput:
     _missing(path, spec, present)
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in present}}
     line = pl.col("line")
+    _read_lines(path, pl.scan_lines(src).select(line.str.len_bytes().sum()))  # all UTF-8?
     shape = (
         pl.when(line.str.contains(r"^\s*$")).then(pl.lit(SHAPE_BLANK))
+        .when(_bad_encoding(lossy)).then(pl.lit(SHAPE_BAD_ENCODING))
         .when(line.str.json_path_match("$").is_null()).then(pl.lit(SHAPE_BAD_JSON))
         .otherwise(pl.lit(None, dtype=pl.String))
     )
     frame = (
-        pl.scan_lines(path, row_index_name="_line")
+        pl.scan_lines(src, row_index_name="_line")
         .select(
             (pl.col("_line").cast(pl.Int64) + 1).alias("_row"),
             line.alias("_raw"),
@@ -305,14 +351,21 @@ def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:
     return RawInput(path, spec, frame, list(cols), raw_lookup=lookup)
 
 
-def scan_input(path: Path, config: IngestConfig) -> RawInput:
-    """Open one input (file or Parquet directory) as a raw-field frame; file-level problems raise."""
+def scan_input(path: Path, config: IngestConfig, work: Path) -> RawInput:
+    """Open one input (file or Parquet directory) as a raw-field frame; file-level problems raise.
+
+    A text file that is not valid UTF-8 is read through a lossy copy in ``work``, and its lines with
+    replaced bytes are quarantined as ``bad_encoding`` instead of failing the whole file.
+    """
     _check_readable(path)
     spec = resolve_spec(path, config)
     if spec.kind == "parquet":
         return _scan_parquet(path, spec)
     if path.is_dir():
         raise IngestError(f"{path}: is a directory; only Parquet inputs may be directories")
-    if spec.kind == "ndjson":
-        return _scan_ndjson(path, spec)
-    return _scan_text(path, spec)
+    scan = _scan_ndjson if spec.kind == "ndjson" else _scan_text
+    try:
+        return scan(path, spec, path, False)
+    except _NotUtf8:
+        copy = lossy_utf8_copy(path, work / "utf8" / f"{len(list(work.glob('utf8/*')))}-{path.name}.txt")
+        return scan(path, spec, copy, True)

@@ -27,6 +27,7 @@ from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, TS_DTYPE, USER_ID, WATCH_SEC
 WRONG_FIELD_COUNT = "wrong_field_count"
 TRUNCATED_LAST_LINE = "truncated_last_line"
 MALFORMED_JSON = "malformed_json"
+BAD_ENCODING = "bad_encoding"
 NULL_USER_ID = "null_user_id"
 BAD_USER_ID = "bad_user_id"
 NULL_ITEM_ID = "null_item_id"
@@ -35,7 +36,7 @@ NULL_TS = "null_ts"
 BAD_TS = "bad_ts"
 TS_OUT_OF_RANGE = "ts_out_of_range"
 BAD_WATCH_SECONDS = "bad_watch_seconds"
-REASONS = (WRONG_FIELD_COUNT, TRUNCATED_LAST_LINE, MALFORMED_JSON, NULL_USER_ID, BAD_USER_ID,
+REASONS = (BAD_ENCODING, WRONG_FIELD_COUNT, TRUNCATED_LAST_LINE, MALFORMED_JSON, NULL_USER_ID, BAD_USER_ID,
            NULL_ITEM_ID, BAD_ITEM_ID, NULL_TS, BAD_TS, TS_OUT_OF_RANGE, BAD_WATCH_SECONDS)
 
 # Staging buckets for rows that are not events.

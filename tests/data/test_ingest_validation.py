@@ -171,3 +171,18 @@ def test_every_row_is_an_event_a_duplicate_or_quarantined(case):
         assert (q["row"].to_list() if q.height else []) == bad_rows
         if q.height:
             assert q["raw"].to_list() == [lines[r - 1] for r in bad_rows]
+
+
+@pytest.mark.parametrize("name", ["latin.csv", "latin.csv.gz"])
+def test_invalid_utf8_lines_are_quarantined_not_fatal(tmp_path, name):
+    import gzip
+
+    data = HEADER.encode() + f"1,2,{T0},1\n1,caf\xe9,{T0},1\n2,3,{T0},1\n".encode("latin-1")
+    src = tmp_path / name
+    src.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    root = tmp_path / "data"
+    report = run([src], root, max_bad_fraction=1.0)
+    assert_conserved(report)
+    assert report.events_written == 2 and report.quarantined == {"bad_encoding": 1}
+    q = quarantine(root)
+    assert q["row"].to_list() == [2] and q["raw"][0] == f"1,caf\ufffd,{T0},1"
