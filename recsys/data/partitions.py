@@ -95,7 +95,11 @@ def ingest_workspace(data_root: Path, events_dir: Path) -> Iterator[Path]:
     """Hold the ingest lock, clean what a killed run left, and yield a fresh work directory."""
     data_root.mkdir(parents=True, exist_ok=True)
     with (data_root / LOCK_FILE).open("a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released by the kernel even on kill -9
+        try:  # the kernel releases the lock even on kill -9, so a dead run never blocks the next
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another ingest run holds %s; waiting for it", data_root / LOCK_FILE)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             _clean_stale(data_root, events_dir)
             work = data_root / WORK_DIR
