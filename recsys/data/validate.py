@@ -47,7 +47,8 @@ SAMPLE_ROWS = 10_000
 INT_SHARE = 0.99  # "auto" id type: integers when at least this share of sampled ids parse as one
 MIXED_SHARE = 0.01  # a timestamp encoding under this share of the sample is taken for garbage
 # One exact format per file is several times faster than trying all of them on every row; the first
-# that parses every sampled value is used, else the general parser below. Fast formats come first.
+# that reads every sampled value the general parser reads is used (see choose_iso_format), else the
+# general parser (_iso_us). Fast formats come first.
 _ISO_SINGLE = (
     ("%Y-%m-%dT%H:%M:%SZ", "utc"),
     ("%Y-%m-%d %H:%M:%S", "naive"),
@@ -180,7 +181,7 @@ def _id(name: str, dtype: pl.DataType, in_dtype: pl.DataType) -> tuple[pl.Expr, 
     """(typed id, is-null-in-input) for an id column (text columns arrive cleaned)."""
     if in_dtype.is_integer():
         raw_null = pl.col(name).is_null()
-        return pl.col(name).cast(dtype), raw_null
+        return pl.col(name).cast(dtype, strict=False), raw_null  # UInt64 overflow -> bad id
     if in_dtype.is_float() and dtype == pl.Int64:
         c = pl.col(name)
         ok = c.is_finite() & (c == c.round())
