@@ -8,6 +8,7 @@ prints validation Recall@20 / MRR@20 (seen items masked, as the protocol's defau
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ def main() -> None:
     for trial in sys.argv[1:]:
         cfg = bench_config(root, "leave_one_out", ML100K_OVERRIDES, trial.split() + ["train.run_name=tune"])
         t0 = time.perf_counter()
-        res = train_model(cfg, split_dir, checkpoint_dir=root / "ckpt", evaluate_test=False)
+        res = train_model(cfg, split_dir, checkpoint_dir=root / f"ckpt-{os.getpid()}", evaluate_test=False)
         curve = " ".join(f"{h['valid']['mrr@20']:.4f}" for h in res.history)
         best = res.history[res.best_epoch - 1]["valid"]
         print(

@@ -176,6 +176,7 @@ class TrainConfig(Section):
     bpreg: float = Field(1.0, ge=0)
     elu_param: float = Field(0.5, ge=0)  # BPR-max: ELU on hidden output (0 = tanh), as in the 2018 paper
     logq: float = Field(0.0, ge=0)
+    mask_seen_negatives: bool = False  # never use an item of the row's own history as a negative
     optimizer: Literal["adagrad_momentum", "adam"] = "adagrad_momentum"
     learning_rate: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)

@@ -14,19 +14,22 @@ from torch import Tensor
 from torch.nn import functional as F
 
 
-def negative_mask(col_items: Tensor, targets: Tensor, col_valid: Tensor | None) -> Tensor:
+def negative_mask(
+    col_items: Tensor, targets: Tensor, col_valid: Tensor | None, extra: Tensor | None = None
+) -> Tensor:
     """True where column j must not act as a negative for row i: [B, C].
 
-    col_items [C] item of each column; targets [B]; col_valid [C] False for idle-slot columns.
-    The positive itself (the diagonal) is *not* in the mask; the losses handle it.
+    col_items [C] item of each column; targets [B]; col_valid [C] False for idle-slot columns;
+    extra [B, C] further exclusions (e.g. items already in the row's history). The positive itself
+    (the diagonal) is never masked, so idle rows carry a finite, zero-weighted loss.
     """
     B = targets.shape[0]
     same = col_items.unsqueeze(0) == targets.unsqueeze(1)  # [B, C]
     if col_valid is not None:
         same |= ~col_valid.unsqueeze(0)  # [B, C]
-    same[:, :B].fill_diagonal_(
-        False
-    )  # [B, C] the positive stays (idle rows then carry a finite, zero-weighted loss)
+    if extra is not None:
+        same |= extra  # [B, C]
+    same[:, :B].fill_diagonal_(False)  # [B, C]
     return same  # [B, C]
 
 
@@ -75,8 +78,11 @@ def sampled_loss(
     elu_param: float = 0.0,
     logq: float = 0.0,
     log_prob: Tensor | None = None,
+    extra_mask: Tensor | None = None,
 ) -> Tensor:
     """Loss of one mini-batch. scores [B, C]; col_items [C]; targets [B]; active [B] bool or None.
+
+    ``extra_mask`` [B, C] removes more negatives per row (``train.mask_seen_negatives``).
 
     ``logq > 0`` subtracts ``logq * log P(sample item)`` from every column's score (sampling-bias
     correction; ``log_prob`` [n_items] from the sampler). BPR-max applies ELU(``elu_param``) to the scores
@@ -90,7 +96,7 @@ def sampled_loss(
         col_valid = torch.cat(
             [active, torch.ones(scores.shape[1] - B, dtype=torch.bool, device=active.device)]
         )
-    mask = negative_mask(col_items, targets, col_valid)  # [B, C]
+    mask = negative_mask(col_items, targets, col_valid, extra_mask)  # [B, C]
     if logq > 0 and log_prob is not None:
         scores = scores - logq * log_prob[col_items].unsqueeze(0)  # [B, C]
     if loss == "cross_entropy":

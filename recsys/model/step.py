@@ -54,6 +54,7 @@ class SessionParallelTrainer:
             counts, cfg.n_sample, cfg.sample_alpha, cfg.sample_store_batches, device, cfg.seed + 1
         )
         self.shared = model.item_in is None
+        self.seen: Tensor | None = None  # [B, n_items] bool, only with train.mask_seen_negatives
         use_amp = cfg.amp and device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
         self._forward = (
@@ -69,6 +70,7 @@ class SessionParallelTrainer:
         cols: Tensor,
         targets: Tensor,
         active: Tensor | None,
+        seen_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Loss and new state of one step from gathered leaves (a pure function: compilable)."""
         with self.autocast():
@@ -84,6 +86,7 @@ class SessionParallelTrainer:
             elu_param=self.cfg.elu_param,
             logq=self.cfg.logq,
             log_prob=self.sampler.log_prob,
+            extra_mask=seen_mask,
         )  # []
         return loss, new_state.float()  # state stays fp32 between steps even under bf16 autocast
 
@@ -96,11 +99,16 @@ class SessionParallelTrainer:
         state = state * keep.view(1, -1, 1)  # [n_layers, B, S] zero the slots that start a sequence
         negs = self.sampler.draw()  # [n_sample]
         cols = torch.cat([targets, negs])  # [C] = [B + n_sample]
+        seen_mask = None
+        if self.seen is not None:  # history of every slot's current sequence, as an item bitmap
+            self.seen.mul_(keep.view(-1, 1).to(self.seen.dtype))  # [B, n_items] forget finished sequences
+            self.seen[self._rows[: inputs.shape[0]], inputs] = True  # [B, n_items]
+            seen_mask = self.seen.index_select(1, cols)  # [B, C]
         out_rows = model.item_out.detach().index_select(0, cols).requires_grad_()  # [C, H]
         bias_rows = model.item_bias.detach().index_select(0, cols).requires_grad_()  # [C]
         table = model.item_out if self.shared else model.item_in
         in_rows = table.detach().index_select(0, inputs).requires_grad_()  # [B, I]
-        loss, new_state = self._forward(in_rows, out_rows, bias_rows, state, cols, targets, active)
+        loss, new_state = self._forward(in_rows, out_rows, bias_rows, state, cols, targets, active, seen_mask)
         loss.backward()
         sparse = {"item_bias": (cols, bias_rows.grad)}
         if self.shared:  # input and output rows are one table: one update over both index sets
@@ -129,6 +137,9 @@ class SessionParallelTrainer:
         check_every = check_every or (100 if self.device.type == "cuda" else 50)
         losses = torch.zeros(T, device=self.device)  # [T]
         state = self.model.init_state(B, self.device)  # [n_layers, B, S]
+        if self.cfg.mask_seen_negatives:
+            self.seen = torch.zeros(B, self.model.n_items, dtype=torch.bool, device=self.device)  # [B, n]
+            self._rows = torch.arange(B, device=self.device)  # [B]
         checked = 0
         for t in range(T):
             active = None if plan.all_active[t] else plan.active[t]

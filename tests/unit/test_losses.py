@@ -65,3 +65,12 @@ def test_logq_subtracts_log_sampling_probability():
 def test_unknown_loss_is_an_error():
     with pytest.raises(ValueError, match="unknown loss"):
         sampled_loss(torch.zeros(1, 1), torch.tensor([0]), torch.tensor([0]), None, loss="top1")
+
+
+def test_extra_mask_removes_history_negatives_but_never_the_positive():
+    scores = torch.tensor([[2.0, 0.0, 1.0]])
+    extra = torch.tensor([[True, False, True]])  # the positive's own column is ignored in the mask
+    got = sampled_loss(
+        scores, torch.tensor([5, 6, 7]), torch.tensor([5]), None, loss="cross_entropy", extra_mask=extra
+    )
+    assert got.item() == pytest.approx(_lse([2, 0]) - 2, abs=1e-6)

@@ -67,3 +67,27 @@ def test_non_finite_loss_names_epoch_and_step(tmp_path, split_dir, monkeypatch):
     monkeypatch.setattr(step_module, "sampled_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 4"):
         train_model(_config(tmp_path, "train.epochs=1"), split_dir, evaluate_test=False)
+
+
+def test_seen_negative_bitmap_follows_slot_resets(tmp_path, split_dir):
+    import numpy as np
+
+    from recsys.data.sequences import load_sequences
+    from recsys.data.vocab import Vocab
+    from recsys.model.batching import plan_epoch
+    from recsys.model.gru4rec import GRU4Rec
+    from recsys.model.step import SessionParallelTrainer
+
+    config = _config(tmp_path, "train.mask_seen_negatives=true")
+    vocab = Vocab.load(split_dir / "vocab.parquet")
+    seqs = load_sequences(split_dir / "train.parquet", vocab)
+    trainer = SessionParallelTrainer(
+        GRU4Rec(len(vocab), config.model), config.train, vocab.counts, torch.device("cpu")
+    )
+    plan = plan_epoch(seqs, 8, np.random.default_rng(0))
+    trainer.run_epoch(plan.to_torch("cpu"), 1)
+    # after the epoch, each slot's bitmap holds exactly the inputs fed since its last reset
+    for k in range(plan.inputs.shape[1]):
+        last_reset = int(np.nonzero(plan.reset[:, k])[0].max())
+        fed = set(plan.inputs[last_reset:, k][plan.active[last_reset:, k]].tolist())
+        assert set(torch.nonzero(trainer.seen[k]).flatten().tolist()) - {0} == fed - {0}
