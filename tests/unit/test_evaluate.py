@@ -149,6 +149,14 @@ def test_nan_scores_and_wrong_shapes_are_errors():
         evaluate_recommender(bad, seqs, exclude_seen=False, chunk_size=1)
 
 
+def test_no_queries_gives_zero_metrics_and_counts():
+    seqs = make_seqs([[0, 1]], n_context=[2], dropped={"unseen_target": 1})  # history only, no target
+    m = evaluate_recommender(FixedScores(np.zeros((0, 2))), seqs, cutoffs=(1,), exclude_seen=True,
+                             chunk_size=4)
+    assert m["n_queries"] == 0 and m["recall@1"] == 0.0 and m["recall@1_all"] == 0.0
+    assert m["unseen_target"] == 1
+
+
 def test_history_pairs_vectorised():
     seqs = make_seqs(THREE_QUERIES)
     seq, pos = seqs.queries()
