@@ -164,7 +164,14 @@ def bench_config(
 
 
 def run_accuracy(
-    split_dir: Path, root: Path, protocol: str, overrides: dict, seeds: list[int], device: str, log
+    split_dir: Path,
+    root: Path,
+    protocol: str,
+    overrides: dict,
+    seeds: list[int],
+    device: str,
+    log,
+    extra: list[str] = (),
 ) -> dict:
     """Train per seed; test metrics masked (exclude_seen) and unmasked, mean over seeds; baselines once."""
     from recsys.evaluate import evaluate_all
@@ -178,7 +185,12 @@ def run_accuracy(
             root,
             protocol,
             overrides,
-            [f"train.seed={seed}", f"train.device={device}", f"train.run_name=bench-{protocol}-{seed}"],
+            [
+                f"train.seed={seed}",
+                f"train.device={device}",
+                f"train.run_name=bench-{protocol}-{seed}",
+                *extra,
+            ],
         )
         t0 = time.perf_counter()
         res = train_model(cfg, split_dir, evaluate_test=False)
@@ -209,17 +221,25 @@ def run_accuracy(
             f"{row['masked']['gru4rec']['recall@20']:.4f} MRR@20 {row['masked']['gru4rec']['mrr@20']:.4f} "
             f"({seconds:.0f} s, load {load_avg()})"
         )
-    summary: dict = {"seeds": seeds, "per_seed": per_seed, "load": load_avg()}
+    return summarize(per_seed)
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean (and std) over seeds of the GRU metrics; baselines are deterministic, taken once."""
+    summary: dict = {"seeds": [r["seed"] for r in per_seed], "per_seed": per_seed, "load": load_avg()}
+    with_baselines = next(r for r in per_seed if "item-knn" in r["masked"])
     for view in ("masked", "unmasked"):
         gru = [r[view]["gru4rec"] for r in per_seed]
         summary[view] = {
             "gru4rec": {
                 k: float(np.mean([g[k] for g in gru])) for k in gru[0] if isinstance(gru[0][k], float)
             },
-            "gru4rec_std": {k: float(np.std([g[k] for g in gru])) for k in ("recall@20", "mrr@20")},
+            "gru4rec_std": {
+                k: float(np.std([g[k] for g in gru])) for k in ("recall@20", "mrr@20", "ndcg@10")
+            },
         }
         for name in ("item-knn", "most-popular"):
-            summary[view][name] = per_seed[0][view][name]
+            summary[view][name] = with_baselines[view][name]
     return summary
 
 
@@ -336,6 +356,25 @@ def print_tables(result: dict) -> None:
         )
 
 
+def merge(files: list[Path], out: Path) -> None:
+    """Merge separately run parts/seeds: per-seed rows are pooled and re-summarised."""
+    result: dict = {}
+    for file in files:
+        part = json.loads(file.read_text())
+        for key, value in part.items():
+            if key in ("accuracy", "temporal") and key in result:
+                result[key] = summarize(result[key]["per_seed"] + value["per_seed"]) | {
+                    "load": f"{result[key]['load']} / {value['load']}"
+                }
+            else:
+                result.setdefault(key, value)
+                if key in ("accuracy", "temporal", "speed"):
+                    result[key] = value
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print_tables(result)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="accuracy,speed,temporal")
@@ -344,14 +383,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra config override")
+    parser.add_argument("--seed-list", default=None, help="e.g. 2,3 (default: 1..--seeds)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="combine result files of separate runs (e.g. one per part or seed) into --out",
+    )
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     parts = set(args.part.split(","))
-    seeds = list(range(1, args.seeds + 1))
+    seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(1, args.seeds + 1))
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     result: dict = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_start": load_avg(),
         "overrides_ml100k": ML100K_OVERRIDES,
+        "extra_overrides": args.sets,
         "git": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip(),
@@ -367,7 +419,7 @@ def main() -> None:
             if "accuracy" in parts:
                 log(f"accuracy ml-100k leave-one-out (load {load_avg()})")
                 result["accuracy"] = run_accuracy(
-                    split_dir, root, "leave_one_out", ML100K_OVERRIDES, seeds, args.device, log
+                    split_dir, root, "leave_one_out", ML100K_OVERRIDES, seeds, args.device, log, args.sets
                 )
         if "temporal" in parts:
             root = Path(tmp) / "mlsmall"
@@ -375,7 +427,7 @@ def main() -> None:
             result["split_mlsmall"] = how
             log(f"temporal ml-latest-small (load {load_avg()})")
             result["temporal"] = run_accuracy(
-                split_dir, root, "temporal", ML100K_OVERRIDES, seeds, args.device, log
+                split_dir, root, "temporal", ML100K_OVERRIDES, seeds, args.device, log, args.sets
             )
     result["load_end"] = load_avg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
