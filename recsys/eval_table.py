@@ -28,8 +28,9 @@ def metrics_table(
     """One row per model; the caption carries the query count and the targets that could not be ranked."""
     columns = table_columns(cutoffs)
     top = max(cutoffs)
-    first = next(iter(rows.values()), {})
-    recall_all = ", ".join(f"{DISPLAY_NAMES.get(n, n)} {m[f'recall@{top}_all']:.4f}" for n, m in rows.items())
+    first = next((m for m in rows.values() if "n_queries" in m), {})  # every row ranks the same queries
+    key = f"recall@{top}_all"
+    recall_all = ", ".join(f"{DISPLAY_NAMES.get(n, n)} {_cell(m, key)}" for n, m in rows.items())
     caption = (
         f"{first.get('n_queries', 0):,} queries · exclude_seen={exclude_seen} · "
         f"unseen targets {first.get('unseen_target', 0):,} · no history {first.get('no_history', 0):,} · "
@@ -41,6 +42,12 @@ def metrics_table(
         metric, _, k = col.partition("@")
         table.add_column(f"{HEADERS[metric]}\n@{k}", justify="right", no_wrap=True)
     for name, metrics in rows.items():
-        cells = [f"{metrics[c]:.1f}" if c.startswith("popularity") else f"{metrics[c]:.4f}" for c in columns]
-        table.add_row(DISPLAY_NAMES.get(name, name), *cells)
+        table.add_row(DISPLAY_NAMES.get(name, name), *(_cell(metrics, c) for c in columns))
     return table
+
+
+def _cell(metrics: dict[str, float], key: str) -> str:
+    """Popularity (a count) with one decimal, rates with four; a metric not computed shows as a dash."""
+    if key not in metrics:
+        return "–"
+    return f"{metrics[key]:.1f}" if key.startswith("popularity") else f"{metrics[key]:.4f}"
