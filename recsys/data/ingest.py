@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -111,10 +112,16 @@ class IngestReport:
         tmp.replace(path)
 
 
-def _sample(raw: RawInput) -> pl.DataFrame:
+def _sample(raw: RawInput) -> tuple[RawInput, pl.DataFrame]:
+    """The first rows (to choose types and encodings), and the reader to use: a fast reader that
+    already fails on them is swapped for its fallback."""
     try:  # rows with structural problems say nothing about column types
-        return raw.frame.head(SAMPLE_ROWS).collect().filter(pl.col("_shape").is_null())
+        return raw, raw.frame.head(SAMPLE_ROWS).collect().filter(pl.col("_shape").is_null())
     except Exception as exc:
+        if raw.fallback is not None:
+            logger.info("%s: fast reader failed (%s); reading line by line", raw.path,
+                        str(exc).splitlines()[0])
+            return _sample(raw.fallback())
         raise IngestError(f"{raw.path}: cannot read the file: {exc}") from exc
 
 
@@ -124,7 +131,10 @@ def _type_name(dtype: pl.DataType) -> str:
 
 def _plans(raws: list[RawInput], config: Config, now: datetime | None) -> list[ParsePlan]:
     cfg = config.ingest
-    samples = [_sample(r) for r in raws]
+    samples = []
+    for i, raw in enumerate(raws):
+        raws[i], sample = _sample(raw)
+        samples.append(sample)
     existing = partitions.existing_schema(config.paths.events_dir) or {}
     user_type = choose_id_type(cfg.user_id_type, [s[USER_ID] for s in samples], existing.get(USER_ID))
     item_type = choose_id_type(cfg.item_id_type, [s[ITEM_ID] for s in samples], existing.get(ITEM_ID))
@@ -139,15 +149,26 @@ def _plans(raws: list[RawInput], config: Config, now: datetime | None) -> list[P
 
 
 def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: Path) -> None:
-    """Parse + validate every file in the streaming engine; write rows bucketed by date to ``stage``."""
-    for i, (raw, plan) in enumerate(zip(raws, plans, strict=True)):
+    """Parse + validate every file in the streaming engine; write rows bucketed by date to ``stage``.
+
+    A reader with a fallback (fast NDJSON) that fails is replaced in ``raws`` by the robust one.
+    """
+    for i, plan in enumerate(plans):
         t0 = time.perf_counter()
-        lf = normalise(raw, plan, i, config.ingest.staging_buckets)
         out = stage / f"f{i}"
-        try:
-            lf.sink_parquet(pl.PartitionBy(out, key="_bucket", include_key=True), mkdir=True)
-        except Exception as exc:
-            raise IngestError(f"{raw.path}: failed while reading: {exc}") from exc
+        while True:
+            raw = raws[i]
+            lf = normalise(raw, plan, i, config.ingest.staging_buckets)
+            try:
+                lf.sink_parquet(pl.PartitionBy(out, key="_bucket", include_key=True), mkdir=True)
+                break
+            except Exception as exc:
+                shutil.rmtree(out, ignore_errors=True)
+                if raw.fallback is None:
+                    raise IngestError(f"{raw.path}: failed while reading: {exc}") from exc
+                logger.info("%s: fast reader failed (%s); reading line by line", raw.path,
+                            str(exc).splitlines()[0])
+                raws[i] = raw.fallback()
         logger.info("staged %s in %.1f s", raw.path, time.perf_counter() - t0)
 
 

@@ -185,3 +185,28 @@ def test_mixed_iso_encodings_in_one_file(tmp_path):
     report = run([src], root, max_bad_fraction=1.0)
     assert report.events_written == 6 and report.quarantined == {"bad_ts": 1}
     assert events(root).filter(user_id=9)["ts"].to_list() == [_ts(T0)]
+
+
+def test_ndjson_fast_reader_keeps_raw_lines_and_falls_back_on_bad_json(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from recsys.data import ingest, readers
+
+    caplog.set_level(logging.INFO, logger="recsys.data.ingest")
+    good = [f'{{"user_id": {u}, "item_id": 1, "ts": {T0 + u}}}' for u in range(1, 6)]
+    bad_value = f'{{"user_id": null, "item_id": 1, "ts": {T0}}}'
+    clean = write(tmp_path / "clean.ndjson", "\n".join([*good, bad_value]))
+    root = tmp_path / "data"
+    report = run([clean], root, max_bad_fraction=1.0)
+    assert report.events_written == 5 and report.quarantined == {"null_user_id": 1}
+    q = pl.read_parquet(next((root / "quarantine").glob("*.parquet")))
+    assert q.rows() == [(str(clean), 6, "null_user_id", bad_value)]
+    # a malformed line far past the samples: the fast reader fails mid-file, the robust one takes over
+    monkeypatch.setattr(readers, "SAMPLE_LINES", 2)
+    monkeypatch.setattr(ingest, "SAMPLE_ROWS", 2)
+    many = [f'{{"user_id": {u % 50}, "item_id": {u}, "ts": {T0 + u}}}' for u in range(20_000)]
+    broken = write(tmp_path / "broken.ndjson", "\n".join([*many, "{oops"]) + "\n")
+    report = run([broken], tmp_path / "data2", max_bad_fraction=1.0)
+    assert report.rows_in == 20_001 and report.events_written == 20_000
+    assert report.quarantined == {"malformed_json": 1}
+    assert "fast reader failed" in caplog.text
