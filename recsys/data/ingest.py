@@ -349,9 +349,9 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
         t0 = time.perf_counter()
         parts, replaced = _write_events(stage, reports, config, work)
         logger.info("wrote %d partitions in %.1f s", len(parts), time.perf_counter() - t0)
-    report = _report(reports, parts, plans, config, "ok", started)
-    report.partitions_replaced = replaced
-    report.save(events_dir.parent / REPORT_FILE)
+        report = _report(reports, parts, plans, config, "ok", started)
+        report.partitions_replaced = replaced
+        report.save(events_dir.parent / REPORT_FILE)  # still under the lock: the last run's report wins
     logger.info("ingested %d rows: %d events, %d duplicates, %d quarantined, %d partitions",
                 report.rows_in, report.events_written, report.duplicates, report.n_quarantined,
                 len(parts))
