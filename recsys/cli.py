@@ -405,6 +405,7 @@ def ui(
 ) -> None:
     """MLflow UI on 127.0.0.1 against the pipeline's tracking store (runs until Ctrl-C)."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -415,15 +416,29 @@ def ui(
     if not uri.startswith("sqlite:"):
         raise fail(f"the tracking store is a server ({uri}): open that; `recsys ui` is for the embedded one")
     connect(config)  # creates the database and experiment on first use
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+    # No background job runner (huey consumers, only used by GenAI jobs): the UI needs one process tree.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
                "--default-artifact-root", (config.paths.mlflow_dir / "artifacts").resolve().as_uri(),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     console.print(f"MLflow UI: [bold]http://127.0.0.1:{port}[/bold]  (store {uri}; Ctrl-C stops it)")
+    server = subprocess.Popen(command, env=env, start_new_session=True)  # own group: stopped as a whole
+
+    def stop(signum: int, frame: object) -> None:  # SIGTERM to this process also stops the server
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        raise typer.Exit(subprocess.call(command, env=env))
+        code = server.wait()
     except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        code = 0
+    raise typer.Exit(code)
 
 
 # --- scoring ---------------------------------------------------------------------------------------

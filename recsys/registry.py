@@ -70,15 +70,13 @@ def log_and_register(config: Config, checkpoint: Path, run_id: str) -> Any:
     """
     from mlflow import MlflowClient
 
-    from recsys.model.checkpoint import load_checkpoint
     from recsys.model.pyfunc import log_pyfunc_model
     from recsys.schemas import TEST_FILE
 
     uri = resolve_tracking_uri(config)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = config.tracking.registered_model
-    vocab = load_checkpoint(checkpoint).vocab  # a checkpoint that does not load is not registered
-    info = log_pyfunc_model(checkpoint, vocab, split_test=config.paths.split_dir / TEST_FILE,
+    info = log_pyfunc_model(checkpoint, split_test=config.paths.split_dir / TEST_FILE,
                             registered_model_name=name)
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, "run_id", run_id)
@@ -258,22 +256,26 @@ def _json_tag(metrics: dict[str, float]) -> str:
 
 def decide(metric: str, min_improvement: float, challenger: dict[str, float], popular: dict[str, float],
            champion: dict[str, float] | None, champion_version: str | None) -> tuple[bool, str]:
-    """The gate: beat most-popular, and (when a champion exists) beat it by the relative margin."""
+    """The gate: beat most-popular, and (when a champion exists) beat it by the relative margin.
+
+    Values in the reason are :func:`gate_value` (the metric over all test targets, marked ``[all]``).
+    """
+    label = f"{metric}[all]"
     c, p = gate_value(challenger, metric), gate_value(popular, metric)
     if not c > p:
-        return False, f"challenger {metric}={c:.4f} does not beat most-popular ({p:.4f})"
+        return False, f"challenger {label}={c:.4f} does not beat most-popular ({p:.4f})"
     if champion is None:
-        return True, f"first champion: {metric}={c:.4f} beats most-popular ({p:.4f})"
+        return True, f"first champion: {label}={c:.4f} beats most-popular ({p:.4f})"
     ch = gate_value(champion, metric)
     needed = ch * (1.0 + min_improvement)
     gain = (c - ch) / ch if ch > 0 else math.inf
     if c > needed:
-        return True, (f"challenger {metric}={c:.4f} beats champion v{champion_version} ({ch:.4f}) by "
+        return True, (f"challenger {label}={c:.4f} beats champion v{champion_version} ({ch:.4f}) by "
                       f"{gain:+.2%} (margin {min_improvement:.2%}) and most-popular ({p:.4f})")
     if c <= ch:
-        return False, (f"challenger {metric}={c:.4f} is not better than champion v{champion_version} "
+        return False, (f"challenger {label}={c:.4f} is not better than champion v{champion_version} "
                        f"({ch:.4f})")
-    return False, (f"challenger {metric}={c:.4f} beats champion v{champion_version} ({ch:.4f}) by only "
+    return False, (f"challenger {label}={c:.4f} beats champion v{champion_version} ({ch:.4f}) by only "
                    f"{gain:+.2%}, below the required margin {min_improvement:.2%}")
 
 

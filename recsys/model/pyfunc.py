@@ -142,6 +142,7 @@ class GRU4RecPyfunc(mlflow.pyfunc.PythonModel):
         self.vocab = ckpt.vocab
         self.max_history = ckpt.config.score.max_history
         self.exclude_seen_default = ckpt.config.score.exclude_seen
+        self.top_k_default = ckpt.config.score.top_k
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -149,7 +150,7 @@ class GRU4RecPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         return recommend(
             self.model, self.vocab, model_input["user_id"].tolist(), model_input["history"].tolist(),
-            top_k=int(params.get("top_k", DEFAULT_TOP_K)),
+            top_k=int(params.get("top_k", self.top_k_default)),
             exclude_seen=bool(params.get("exclude_seen", self.exclude_seen_default)),
             max_history=self.max_history, device=self.device,
         )
@@ -171,8 +172,13 @@ def example_input(vocab: Vocab, split_test: Path | None = None, n_users: int = 2
     })
 
 
-def model_signature(example: pd.DataFrame, vocab: Vocab) -> mlflow.models.ModelSignature:
-    """user_id (any id type) + history (array of item ids) -> user_id, rank, item_id, score; top_k param."""
+def model_signature(
+    vocab: Vocab, top_k: int = DEFAULT_TOP_K, exclude_seen: bool = True
+) -> mlflow.models.ModelSignature:
+    """user_id (any id type) + history (array of item ids) -> user_id, rank, item_id, score, source.
+
+    Params ``top_k`` and ``exclude_seen`` default to the checkpoint's ``score`` settings.
+    """
     from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     item_type = "string" if vocab.item_ids.dtype == pl.String else "long"
@@ -182,14 +188,13 @@ def model_signature(example: pd.DataFrame, vocab: Vocab) -> mlflow.models.ModelS
         ColSpec("float", "score"), ColSpec("string", "source"),
     ])
     params = ParamSchema([
-        ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("exclude_seen", "boolean", True),
+        ParamSpec("top_k", "long", int(top_k)), ParamSpec("exclude_seen", "boolean", bool(exclude_seen)),
     ])
     return mlflow.models.ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def log_pyfunc_model(
     checkpoint: Path,
-    vocab: Vocab,
     *,
     split_test: Path | None = None,
     registered_model_name: str | None = None,
@@ -199,7 +204,10 @@ def log_pyfunc_model(
     import shutil
     import tempfile
 
-    example = example_input(vocab, split_test)
+    from recsys.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)  # a checkpoint that does not load is not logged
+    example = example_input(ckpt.vocab, split_test)
     with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
         staged = Path(tmp) / CHECKPOINT_FILE  # the artifact keeps this name: artifacts/checkpoint.pt
         shutil.copyfile(checkpoint, staged)
@@ -208,7 +216,7 @@ def log_pyfunc_model(
             python_model=str(ENTRY_FILE),
             artifacts={CHECKPOINT_ARTIFACT: str(staged)},
             code_paths=[str(PACKAGE_DIR)],
-            signature=model_signature(example, vocab),
+            signature=model_signature(ckpt.vocab, ckpt.config.score.top_k, ckpt.config.score.exclude_seen),
             input_example=example,
             pip_requirements=_pip_requirements(),
             registered_model_name=registered_model_name,
