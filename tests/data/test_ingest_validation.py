@@ -150,39 +150,30 @@ def log_rows(draw):
             lines.append(f"{key[0]},{key[1]},{key[2]},")
         kinds.append(kind)
     trailing_newline = draw(st.booleans())
-    return lines, kinds, trailing_newline
+    cut = draw(st.integers(1, n - 1)) if n >= 2 and draw(st.booleans()) else n  # one or two files
+    return lines, kinds, trailing_newline, cut
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(log_rows())
 def test_every_row_is_an_event_a_duplicate_or_quarantined(case):
-    lines, kinds, trailing_newline = case
+    lines, kinds, trailing_newline, cut = case
+    end = "\n" if trailing_newline else ""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        src = write(tmp_path / "log.csv", HEADER + "\n".join(lines) + ("\n" if trailing_newline else ""))
+        parts = [(lines[:cut], kinds[:cut])] + ([(lines[cut:], kinds[cut:])] if cut < len(lines) else [])
+        srcs = [write(tmp_path / f"log{j}.csv", HEADER + "\n".join(ls) + end)
+                for j, (ls, _) in enumerate(parts)]
         root = tmp_path / "data"
-        report = run([src], root, max_bad_fraction=1.0)
+        report = run(srcs, root, max_bad_fraction=1.0)
         assert_conserved(report)
         assert report.rows_in == len(lines)
         assert report.events_written == kinds.count("good") == events(root).height
-        assert report.duplicates == kinds.count("dup")
+        assert report.duplicates == kinds.count("dup")  # across files too: the first copy is kept
         q = quarantine(root)
-        bad_rows = [i + 1 for i, k in enumerate(kinds) if k == "bad"]
-        assert (q["row"].to_list() if q.height else []) == bad_rows
-        if q.height:
-            assert q["raw"].to_list() == [lines[r - 1] for r in bad_rows]
-
-
-@pytest.mark.parametrize("name", ["latin.csv", "latin.csv.gz"])
-def test_invalid_utf8_lines_are_quarantined_not_fatal(tmp_path, name):
-    import gzip
-
-    data = HEADER.encode() + f"1,2,{T0},1\n1,caf\xe9,{T0},1\n2,3,{T0},1\n".encode("latin-1")
-    src = tmp_path / name
-    src.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
-    root = tmp_path / "data"
-    report = run([src], root, max_bad_fraction=1.0)
-    assert_conserved(report)
-    assert report.events_written == 2 and report.quarantined == {"bad_encoding": 1}
-    q = quarantine(root)
-    assert q["row"].to_list() == [2] and q["raw"][0] == f"1,caf\ufffd,{T0},1"
+        for src, (ls, ks) in zip(srcs, parts, strict=True):
+            bad_rows = [i + 1 for i, k in enumerate(ks) if k == "bad"]
+            mine = q.filter(source=str(src)) if q.height else q
+            assert (mine["row"].to_list() if q.height else []) == bad_rows
+            if bad_rows:
+                assert mine["raw"].to_list() == [ls[r - 1] for r in bad_rows]
