@@ -126,7 +126,7 @@ def score(work: Path, top_k: int, device: str, threads: int | None, sets: list[s
     t0 = time.perf_counter()
     manifest = score_users(config, model_uri=str(work / "model.pt"), run_date=RUN_DATE)
     manifest["wall_s"] = time.perf_counter() - t0
-    return {k: manifest[k] for k in ("counts", "timings", "wall_s", "device", "rows")}
+    return {k: manifest[k] for k in ("counts", "timings", "wall_s", "device", "rows", "peak_rss_gb_after")}
 
 
 # --- child: the straightforward way -----------------------------------------------------------------
@@ -194,10 +194,15 @@ def bench_size(n_users: int, n_items: int, a: argparse.Namespace, base: Path) ->
     work = base / name
     work.mkdir(parents=True, exist_ok=True)
     common = ["--top-k", str(a.top_k), "--device", a.device]
-    print(f"[{name}] generating ... (load {load_average()})", flush=True)
-    gen, _ = run_child(["generate", "--work", str(work), "--users", str(n_users), "--items", str(n_items),
-                        "--mean-history", str(a.mean_history), "--hidden", str(a.hidden),
-                        "--seed", str(a.seed)])
+    gen_args = ["--users", str(n_users), "--items", str(n_items), "--mean-history", str(a.mean_history),
+                "--hidden", str(a.hidden), "--seed", str(a.seed)]
+    stamp = work / "generated.json"
+    if a.keep and stamp.exists() and json.loads(stamp.read_text())["args"] == gen_args:
+        gen = json.loads(stamp.read_text())  # same data as last time (--keep)
+    else:
+        print(f"[{name}] generating ... (load {load_average()})", flush=True)
+        gen, _ = run_child(["generate", "--work", str(work), *gen_args])
+        stamp.write_text(json.dumps({**gen, "args": gen_args}))
     load_before = load_average()
     print(f"[{name}] scoring {n_users:,} users ... (load {load_before})", flush=True)
     sets = [x for s in a.set or [] for x in ("--set", s)]
@@ -216,7 +221,8 @@ def bench_size(n_users: int, n_items: int, a: argparse.Namespace, base: Path) ->
         "device": sc["device"], "users_per_s": round(users_per_s),
         "users_per_s_with_model_load": round(n_users / t["total_s"]),
         "seconds": {k.removesuffix("_s"): round(v, 3) for k, v in t.items()},
-        "peak_rss_gb": round(rss, 3), "rows": sc["rows"], "counts": sc["counts"],
+        "peak_rss_gb": round(rss, 3), "peak_rss_gb_after_phase": sc["peak_rss_gb_after"],
+        "rows": sc["rows"], "counts": sc["counts"],
         "baseline": {k: round(v, 1) if isinstance(v, float) else v for k, v in bl.items()},
         "speedup_vs_pyfunc": round(users_per_s / bl["pyfunc_users_per_s"], 1) if bl else None,
         "speedup_vs_model_per_user": round(users_per_s / bl["model_users_per_s"], 1) if bl else None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -135,12 +136,21 @@ def excluded_indices(vocab: Vocab, ids: pl.Series | None) -> tuple[np.ndarray, i
 # --- ranking ---------------------------------------------------------------------------------------
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
 class PhaseTimer:
-    """Wall time per phase; synchronises CUDA so asynchronous kernels are charged to their phase."""
+    """Wall time per phase; synchronises CUDA so asynchronous kernels are charged to their phase.
+
+    Also records the process's peak RSS at the end of each phase, to show which phase sets the peak.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = {}
+        self.peak_rss_gb: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -151,6 +161,7 @@ class PhaseTimer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.peak_rss_gb[name] = round(peak_rss_gb(), 3)
 
 
 def padded_batch(hist: Histories, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +271,7 @@ def score_users(
 
     n_users = hist.n_users
     k = min(sc.top_k, n_items)
-    out_idx = np.zeros((n_users, k), dtype=np.int64)  # [U, k]
+    out_idx = np.zeros((n_users, k), dtype=np.int32)  # [U, k] vocab indices
     out_score = np.full((n_users, k), -np.inf, dtype=np.float32)  # [U, k]
     excluded = torch.from_numpy(excl_idx).to(device)
     default_chunk = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
@@ -348,6 +359,7 @@ def score_users(
     )
     manifest["timings"].update({k: round(v, 4) for k, v in result.timings.items()})
     manifest["timings"]["total_s"] = round(time.perf_counter() - t_start, 4)
+    manifest["peak_rss_gb_after"] = {**timer.peak_rss_gb, "publish": round(peak_rss_gb(), 3)}
     manifest["path"] = str(result.path)
     manifest["extra_paths"] = {k: str(v) for k, v in result.extra_paths.items()}
     manifest["run_date"] = run_date.isoformat()
@@ -365,10 +377,16 @@ def assemble(
     loaded: LoadedModel,
     run_date: date,
 ) -> pl.DataFrame:
-    """Long-format frame with original ids; slots left at -inf (catalogue exhausted) are dropped."""
+    """Long-format frame with original ids, ordered by user id then rank; slots left at -inf (catalogue
+    exhausted by exclusions) are dropped."""
     n_users, k = out_idx.shape
+    if not hist.user_ids.is_sorted():  # requested users without events were appended at the end
+        order = hist.user_ids.arg_sort().to_numpy()
+        out_idx, out_score = out_idx[order], out_score[order]
+    else:
+        order = np.arange(n_users)
     valid = np.isfinite(out_score).ravel()  # [U*k]
-    user_row = np.repeat(np.arange(n_users, dtype=np.int64), k)[valid]
+    user_row = np.repeat(order, k)[valid]
     ranks = np.tile(np.arange(1, k + 1, dtype=np.int16), n_users)[valid]
     frame = pl.DataFrame({
         USER_ID: hist.user_ids.gather(user_row),

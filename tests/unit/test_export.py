@@ -188,3 +188,10 @@ def test_variants_written_and_retired_with_the_run(tmp_path):
     assert not partition_dir(tmp_path, DAY, "recs_wide").exists()
     assert not partition_dir(tmp_path, DAY, "recs_csv").exists()
     assert visible(tmp_path) == "b" and list((tmp_path / "_staging").iterdir()) == []
+
+
+def test_rows_in_any_order_are_validated_the_same(tmp_path):
+    shuffled = recs_frame().sample(fraction=1.0, shuffle=True, seed=3)
+    assert validate_recs(shuffled, RecsChecks(top_k=3)) == []
+    assert "not unique" in validate_recs(
+        shuffled.with_columns(pl.lit(5, pl.Int64).alias(ITEM_ID)), RecsChecks(top_k=3))[0]

@@ -146,7 +146,9 @@ def test_users_file_scores_only_those_users(tmp_path, kind):
         frame = pl.DataFrame({USER_ID: ids})
         frame.write_parquet(path) if kind == "parquet" else frame.write_csv(path)
     manifest = score_users(world.config, model_uri=str(world.checkpoint), run_date=RUN_DATE, users_file=path)
-    recs = as_dict(read_recs(world.exports_dir, RUN_DATE).collect())
+    frame = read_recs(world.exports_dir, RUN_DATE).collect()
+    assert frame[USER_ID].is_sorted()  # the user without events is not left at the end
+    recs = as_dict(frame)
     assert set(recs) == {1, 4, 42}
     assert recs[42][2] == "popular" and recs[42][0] == KNOWN_ITEMS[:5]
     full = reference_recs(world, top_k=5, max_history=10)
