@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import polars as pl
 
@@ -160,6 +161,9 @@ def resolve_spec(path: Path, config: IngestConfig) -> ReadSpec:
     """Combine preset, config and file name into the reading recipe for ``path``."""
     if config.preset is not None:
         preset = PRESETS[config.preset]
+        if path.is_dir() or _strip_compression(path.name).lower().endswith((".parquet", ".pq")):
+            raise IngestError(f"{path}: preset {preset.name} reads text files ({preset.description}); "
+                              "drop --preset for Parquet input")
         return ReadSpec("text", preset.separator, preset.has_header, preset.field_names,
                         dict(preset.columns), {}, preset.ts_unit, preset.name)
     kind, separator = detect_kind(path, config)
@@ -201,7 +205,7 @@ def _sample_lines(path: Path, src: Path) -> list[str]:
     return _read_lines(path, pl.scan_lines(src, n_rows=SAMPLE_LINES))["line"].to_list()
 
 
-def _open_binary(path: Path):  # noqa: ANN202 - a binary file object of either kind
+def _open_binary(path: Path) -> IO[bytes]:
     name = path.name.lower()
     if name.endswith(".gz"):
         import gzip
