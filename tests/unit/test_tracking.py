@@ -151,3 +151,26 @@ def test_tune_nested_runs_best_child_and_resume(tmp_path):
     best = max(children, key=lambda c: c.data.metrics["best_valid_mrr_20"])
     assert parent.data.tags["best_run_id"] == best.info.run_id == second["best_run_id"]
     assert parent.data.metrics["best_valid_mrr_20"] == pytest.approx(best.data.metrics["best_valid_mrr_20"])
+
+
+def test_resume_continues_the_killed_run(tmp_path, monkeypatch):
+    """Killed after epoch 1; ``resume=True`` continues the same checkpoint and the same MLflow run."""
+    import recsys.tracking as tracking
+
+    config = make_world(tmp_path / "data", train={"epochs": 3}, tracking={"system_metrics": False})
+    log_epoch = tracking.EpochLogger.__call__
+
+    def killed_after_first_epoch(self, info):
+        log_epoch(self, info)
+        if info["epoch"] == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking.EpochLogger, "__call__", killed_after_first_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            tracked_training(config)
+    out = tracked_training(config, resume=True)
+    client = MlflowClient(tracking_uri=out["tracking_uri"])
+    runs = client.search_runs([client.get_run(out["run_id"]).info.experiment_id])
+    assert [r.info.run_id for r in runs] == [out["run_id"]] and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(out["run_id"], "valid_mrr_20")] == [1, 2, 3]
