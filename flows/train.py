@@ -21,6 +21,7 @@ from flows._common import (
 from flows.promote import promote_flow
 from flows.reports import training_report
 from recsys.config import Config
+from recsys.schemas import TEST_FILE, TRAIN_FILE, VALID_FILE, VOCAB_FILE
 
 forward_library_logs()
 
@@ -49,7 +50,9 @@ def training_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
     """One training per (run date, resolved config, split snapshot): a re-run reuses the recorded result."""
     config: Config = parameters["config"]
     split = config.paths.split_dir
-    fingerprint = config_fingerprint(config, split / "stats.json", split / "vocab.parquet")
+    # the split's data files (stats.json holds timings, so it is left out)
+    files = [split / name for name in (TRAIN_FILE, VALID_FILE, TEST_FILE, VOCAB_FILE)]
+    fingerprint = config_fingerprint(config, *files)
     return f"train-{parameters['run_date']}-{fingerprint}"
 
 
@@ -106,8 +109,9 @@ def train_flow(
         split = io_task(split_task, config)(config)
         logger.info("split: %s sequences per part, vocabulary %s", {k: v.get("sequences") for k, v in
                     (split.get("splits") or {}).items()}, split.get("vocab_size"))
-    trainer = train_task.with_options(refresh_cache=True) if force else train_task
-    training = trainer(config, day)
+    # The recorded result lives beside the data it describes (deleting the data root resets both).
+    results = (config.paths.prefect_home / "results").resolve()
+    training = train_task.with_options(result_storage=results, refresh_cache=force)(config, day)
     logger.info("training run %s -> model version %s", training.get("run_id"), training.get("model_version"))
     url = io_task(run_url_task, config)(config, training["run_id"])
     create_link_artifact(link=url, link_text=f"MLflow run {training['run_id']}", key=MLFLOW_RUN_KEY,
