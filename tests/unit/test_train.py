@@ -5,7 +5,7 @@ from model_data import cyclic_sequences, write_split_dir
 import recsys.model.step as step_module
 from recsys.config import load_config
 from recsys.model.checkpoint import load_checkpoint
-from recsys.train import NonFiniteLossError, train_model
+from recsys.train import NonFiniteLossError, _cpu_threads, train_model
 
 TINY = [
     "model.hidden_size=16",
@@ -85,7 +85,8 @@ def test_seen_negative_bitmap_follows_slot_resets(tmp_path, split_dir):
         GRU4Rec(len(vocab), config.model), config.train, vocab.counts, torch.device("cpu")
     )
     plan = plan_epoch(seqs, 8, np.random.default_rng(0))
-    trainer.run_epoch(plan.to_torch("cpu"), 1)
+    with _cpu_threads(torch.device("cpu"), 1):
+        trainer.run_epoch(plan.to_torch("cpu"), 1)
     # after the epoch, each slot's bitmap holds exactly the inputs fed since its last reset
     for k in range(plan.inputs.shape[1]):
         last_reset = int(np.nonzero(plan.reset[:, k])[0].max())
