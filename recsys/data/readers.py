@@ -12,8 +12,9 @@ Every reader returns a lazy frame with the same shape so that validation has one
 
 Text (CSV/TSV/``::``) and NDJSON are read as *lines* and split with polars string expressions, never
 with a strict CSV parser: a malformed line then becomes one quarantined row instead of a failed run,
-and its text is kept verbatim. Trade-off: a separator inside a quoted field is not supported (such a
-line has the wrong field count and is quarantined, not lost); quotes around whole fields are removed.
+and its text is kept verbatim. Files without a double quote are split with a plain ``splitn``; files
+with one use an anchored regex per line that honours CSV quoting (separators inside quotes, ``""``).
+A quoted field spanning several lines is not supported: its lines are quarantined, not lost.
 """
 
 from __future__ import annotations
@@ -240,11 +241,22 @@ def _missing(path: Path, spec: ReadSpec, available: list[str]) -> None:
             )
 
 
-def _unquote(expr: pl.Expr) -> pl.Expr:
-    """Trim a text field and remove CSV quotes around it ("" inside becomes ")."""
-    e = expr.str.strip_chars()
-    quoted = e.str.starts_with('"') & e.str.ends_with('"') & (e.str.len_chars() >= 2)
-    return pl.when(quoted).then(e.str.slice(1, e.str.len_chars() - 2).str.replace_all('""', '"')).otherwise(e)
+def _unquote(name: str) -> pl.Expr:
+    """Trim a text field matched by ``_csv_line_pattern`` and remove CSV quotes around it.
+
+    That pattern guarantees a field starting with a quote ends with one. Takes a column name, not an
+    expression: polars would re-run an expression at each of its uses here.
+    """
+    e = pl.col(name).str.strip_chars()
+    inner = e.str.strip_prefix('"').str.strip_suffix('"').str.replace_all('""', '"', literal=True)
+    return pl.when(e.str.starts_with('"')).then(inner).otherwise(e).alias(name)
+
+
+def _csv_line_pattern(sep: str, n: int) -> str:
+    """Regex matching a line of exactly ``n`` CSV fields: quoted ("" escapes a quote) or bare."""
+    e = "".join(f"\\x{{{ord(c):x}}}" for c in sep)  # hex escape: valid in and out of [...] classes
+    one = rf'(\s*"(?:[^"]|"")*"\s*|(?:[^"{e}][^{e}]*)?)'
+    return "^" + e.join([one] * n) + "$"
 
 
 def _header_names(line: str, separator: str) -> list[str]:
@@ -272,30 +284,49 @@ def _scan_text(path: Path, spec: ReadSpec, src: Path, lossy: bool) -> RawInput:
     n = len(names)
     line = pl.col("line")
     parts = line.str.splitn(sep, n + 1)
-    # Unquoting costs several passes per field: only pay for it when the file has a quote at all.
+    # CSV quoting costs a regex per line: only pay for it when the file has a quote at all.
     # (this full pass also proves the whole file is UTF-8 before anything is staged)
     has_quote = pl.scan_lines(src).select(line.str.contains('"', literal=True).any())
     quoted = _read_lines(path, has_quote).item()
-    field = _unquote if quoted else (lambda e: e)
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in names}}
     lf = pl.scan_lines(src, row_index_name="_line").with_columns(pl.col("_line").cast(pl.Int64))
     if spec.has_header:
         lf = lf.filter(pl.col("_line") >= 1).with_columns(_row=pl.col("_line"))
     else:
         lf = lf.with_columns(_row=pl.col("_line") + 1)
+    # The split is materialised as a column first so that each line is split once.
+    lf = lf.with_columns(parts.alias("_parts"))
+    parts = pl.col("_parts")
+    short = parts.struct.field(f"field_{n - 1}").is_null()
+    none = pl.lit(None, dtype=pl.String)
+    csv_quoting = quoted and len(sep) == 1
+    if csv_quoting:
+        # CSV quoting: one anchored regex per line splits on separators outside quotes; a line it
+        # does not match has the wrong number of fields (or an unterminated quote).
+        lf = lf.with_columns(line.str.extract_groups(_csv_line_pattern(sep, n)).alias("_groups"))
+        groups = pl.col("_groups")
+        fields = [groups.struct.field(str(i + 1)) for i in range(n)]
+        malformed = groups.struct.field("1").is_null()
+        structural = (pl.when(malformed & short).then(pl.lit(SHAPE_SHORT))
+                      .when(malformed).then(pl.lit(SHAPE_LONG)).otherwise(none))
+    else:
+        fields = [parts.struct.field(f"field_{i}") for i in range(n)]
+        structural = (pl.when(short).then(pl.lit(SHAPE_SHORT))
+                      .when(parts.struct.field(f"field_{n}").is_not_null()).then(pl.lit(SHAPE_LONG))
+                      .otherwise(none))
     shape = (
         pl.when(line.str.contains(r"^\s*$")).then(pl.lit(SHAPE_BLANK))
         .when(_bad_encoding(lossy)).then(pl.lit(SHAPE_BAD_ENCODING))
-        .when(parts.struct.field(f"field_{n - 1}").is_null()).then(pl.lit(SHAPE_SHORT))
-        .when(parts.struct.field(f"field_{n}").is_not_null()).then(pl.lit(SHAPE_LONG))
-        .otherwise(pl.lit(None, dtype=pl.String))
+        .otherwise(structural)
     )
     frame = lf.select(
         pl.col("_row"),
         line.alias("_raw"),
         shape.alias("_shape"),
-        *[field(parts.struct.field(f"field_{names.index(c)}")).alias(f) for f, c in cols.items()],
+        *[fields[names.index(c)].alias(f) for f, c in cols.items()],
     )
+    if csv_quoting:
+        frame = frame.with_columns([_unquote(f) for f in cols])
     return RawInput(path, spec, frame, list(cols), _ends_with_newline(path))
 
 

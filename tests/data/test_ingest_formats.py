@@ -210,3 +210,18 @@ def test_ndjson_fast_reader_keeps_raw_lines_and_falls_back_on_bad_json(tmp_path,
     assert report.rows_in == 20_001 and report.events_written == 20_000
     assert report.quarantined == {"malformed_json": 1}
     assert "fast reader failed" in caplog.text
+
+
+def test_separators_inside_quotes(tmp_path):
+    src = write(tmp_path / "log.csv",
+                "user_id,item_id,ts,event_type\n"
+                f'"Doe, John",7,{T0},"play, resumed"\n'
+                f'"Roe ""RJ"" Jané",8,{T0},play\n'
+                f'"open quote,9,{T0},play\n'
+                f'x,1,{T0},a,b\n')
+    root = tmp_path / "data"
+    report = run([src], root, max_bad_fraction=1.0)
+    assert report.quarantined == {"wrong_field_count": 2}
+    ev = events(root).sort("item_id")
+    assert ev["user_id"].to_list() == ["Doe, John", 'Roe "RJ" Jané']
+    assert ev["event_type"].to_list() == ["play, resumed", "play"]
