@@ -6,6 +6,7 @@ store (<data_root>/mlflow); nothing needs to be started first.
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import date
 from pathlib import Path
@@ -36,6 +37,7 @@ def run_pipeline(
     overrides: list[str], run_date: date | None = None, inputs: list[Path] | None = None, shards: int = 1
 ) -> dict[str, Any]:
     """Run pipeline_flow (raises if any stage fails) and add the wall time."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API call otherwise
     t0 = time.perf_counter()
     summary = pipeline_flow(
         run_date=run_date, input=[str(p) for p in inputs] if inputs else None, shards=shards,
@@ -48,13 +50,8 @@ def _titles(catalogue: Path | None) -> pl.DataFrame | None:
     if catalogue is None or not Path(catalogue).is_file():
         return None
     cat = pl.read_parquet(catalogue)
-    label = pl.col("title")
-    if "episode" in cat.columns:
-        label = pl.when(pl.col("episode").is_not_null()).then(
-            pl.format("{} — ep. {}", pl.col("title"), pl.col("episode"))
-        ).otherwise(pl.col("title"))
     extra = [pl.col("genre")] if "genre" in cat.columns else []
-    return cat.select(pl.col(ITEM_ID), label.alias("title"), *extra)
+    return cat.select(pl.col(ITEM_ID), pl.col("title"), *extra)
 
 
 def _label(item_id: Any, titles: pl.DataFrame | None) -> str:
