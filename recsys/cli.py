@@ -335,6 +335,7 @@ def promote(
     """Challenger vs champion vs most-popular on the test split; move @champion if the gate passes."""
     import json
 
+    from rich.markup import escape
     from rich.table import Table
 
     config = load_cli_config(conf, set_)
@@ -361,7 +362,7 @@ def promote(
             table.add_row(label, *(f"{values.get(c, float('nan')):.4f}" for c in columns))
     console.print(table)
     verdict = "[green]PROMOTED[/green]" if decision.promoted else "[yellow]not promoted[/yellow]"
-    console.print(f"{verdict}: {decision.reason}")
+    console.print(f"{verdict}: {escape(decision.reason)}")  # the reason holds "[all]", not markup
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(decision.to_dict(), indent=2, default=str))

@@ -112,6 +112,11 @@ def is_transient(exc: BaseException) -> bool:
         return False
 
 
+def _short(exc: BaseException, limit: int = 160) -> str:
+    line = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def with_retries(fn: Callable[[], T], config: Config, what: str, uri: str | None = None) -> T:
     """Call ``fn``; on transient errors retry ``tracking.retries`` times with doubling backoff.
 
@@ -129,10 +134,10 @@ def with_retries(fn: Callable[[], T], config: Config, what: str, uri: str | None
             if attempt == attempts:
                 raise TrackingUnavailableError(
                     f"MLflow tracking store {uri} is unreachable ({what} failed {attempts} time(s)); "
-                    f"last error: {str(exc).splitlines()[0][:300]}"
+                    f"last error: {_short(exc)}"
                 ) from exc
             logger.warning("%s against %s failed (attempt %d/%d), retrying in %.1f s: %s",
-                           what, uri, attempt, attempts, delay, str(exc).splitlines()[0][:200])
+                           what, uri, attempt, attempts, delay, _short(exc))
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")  # the loop either returns or raises
