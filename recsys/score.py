@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 CPU_CHUNK_ELEMENTS = 2_500_000
 CUDA_CHUNK_ELEMENTS = 256_000_000
+CPU_USER_BATCH = 1024
+CUDA_USER_BATCH = 16384
 
 
 @dataclass
@@ -230,7 +232,18 @@ def history_cutoff(run_date: date) -> datetime:
     return datetime.combine(run_date + timedelta(days=1), dtime(0), tzinfo=UTC)
 
 
-@torch.inference_mode()
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (None: unchanged), restoring the previous number afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def score_users(
     config: Config,
     model_uri: str | None = None,
@@ -245,6 +258,18 @@ def score_users(
     path works too. ``out_dir`` defaults to ``paths.exports_dir``; ``events_dir`` to ``paths.events_dir``.
     ``users_file`` restricts scoring to those users (unknown ones get the popular list).
     """
+    with torch_threads(config.score.threads), torch.inference_mode():
+        return _score_users(config, model_uri, run_date, users_file, events_dir, out_dir)
+
+
+def _score_users(
+    config: Config,
+    model_uri: str | None,
+    run_date: date | None,
+    users_file: Path | None,
+    events_dir: Path | None,
+    out_dir: Path | None,
+) -> dict[str, Any]:
     sc = config.score
     run_date = run_date or datetime.now(UTC).date()
     model_uri = model_uri or default_model_uri(config)
@@ -276,17 +301,19 @@ def score_users(
     excluded = torch.from_numpy(excl_idx).to(device)
     default_chunk = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
     chunk_elements = sc.chunk_elements or default_chunk
-    chunk_rows = max(1, min(sc.user_batch_size, chunk_elements // max(n_items, 1)))
+    user_batch = sc.user_batch_size or (CUDA_USER_BATCH if device.type == "cuda" else CPU_USER_BATCH)
+    chunk_rows = max(1, min(user_batch, chunk_elements // max(n_items, 1)))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=sc.precision == "bfloat16")
     lengths = hist.lengths
     with_history = np.flatnonzero(lengths > 0)
     order = with_history[np.argsort(-lengths[with_history], kind="stable")]  # longest first
 
-    for lo in range(0, len(order), sc.user_batch_size):
-        batch = order[lo : lo + sc.user_batch_size]
-        with timer("encode_s"):
+    for lo in range(0, len(order), user_batch):
+        batch = order[lo : lo + user_batch]
+        with timer("encode_s"), autocast:
             items, lens = padded_batch(hist, batch)
             states = model.final_states(items.to(device), lens.to(device))  # [B, H]
-        with timer("score_s"):
+        with timer("score_s"), autocast:
             rank_users(
                 lambda lo, hi, states=states: model.score_items(states[lo:hi]),  # [b, n_items]
                 hist, batch, n_items=n_items, top_k=k, exclude_seen=sc.exclude_seen, excluded=excluded,
@@ -344,6 +371,8 @@ def score_users(
         },
         "top_k": sc.top_k,
         "device": str(device),
+        "precision": sc.precision,
+        "torch_threads": torch.get_num_threads(),
         "config": config.model_dump(mode="json"),
         "timings": {name: round(s, 4) for name, s in timer.seconds.items()},
     }
