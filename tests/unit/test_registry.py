@@ -191,3 +191,28 @@ def test_checkpoint_saved_on_another_device_loads_on_cpu(world, tmp_path, monkey
                      exclude_seen=source.config.score.exclude_seen,
                      max_history=source.config.score.max_history)
     pd.testing.assert_frame_equal(got.reset_index(drop=True), want)
+
+
+def test_recommend_matches_a_direct_model_call_and_keeps_the_last_history_items(world):
+    """``recommend`` (what the pyfunc serves) against final_states/score_items on one user at a time."""
+    import numpy as np
+    import polars as pl
+
+    from recsys.model.pyfunc import histories_to_batch
+
+    _, ckpt = world
+    source = load_checkpoint(ckpt["strong"])
+    model, vocab = build_model(source), source.vocab
+    ids = vocab.item_ids.to_list()
+    histories = [[ids[3], 99_999, ids[1], ids[4]], [ids[2]], [ids[5], ids[6], ids[7]]]
+    got = recommend(model, vocab, ["a", "b", "c"], histories, top_k=4, exclude_seen=True, max_history=2)
+    for user, history in zip(["a", "b", "c"], histories, strict=True):
+        known = [i for i in vocab.index_of(pl.Series(history)).tolist() if i >= 0][-2:]  # last 2 known
+        with torch.no_grad():
+            state = model.final_states(torch.tensor([known]), torch.tensor([len(known)]))  # [1, H]
+            scores = model.score_items(state)[0]  # [n_items]
+        scores[torch.tensor(known)] = -torch.inf
+        want = np.asarray(ids)[torch.topk(scores, 4).indices.numpy()].tolist()
+        assert got.loc[got["user_id"] == user, "item_id"].tolist() == want
+    items, lengths = histories_to_batch(histories, vocab, max_history=2)
+    assert lengths.tolist() == [2, 1, 2] and items.shape == (3, 2)
