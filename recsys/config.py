@@ -232,7 +232,8 @@ class ScoreConfig(Section):
     max_history: int = Field(50, ge=1)
     exclude_seen: bool = True
     exclude_items_file: Path | None = None  # one item id per line: withdrawn from the catalogue
-    user_batch_size: int = Field(4096, ge=1)  # histories encoded at once (length-sorted, padded)
+    # Histories encoded at once (length-sorted, padded). None: 1024 on CPU (fastest measured), 16384 on CUDA.
+    user_batch_size: int | None = Field(None, ge=1)
     # Scores held at once (users x catalogue). None: 2.5M on CPU (fits the L3 cache, fastest there),
     # 256M on CUDA. Bounds scoring memory whatever the catalogue size.
     chunk_elements: int | None = Field(None, ge=1)
