@@ -238,11 +238,11 @@ class ScoreConfig(Section):
     # 256M on CUDA. Bounds scoring memory whatever the catalogue size.
     chunk_elements: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    write_csv: bool = False
     # bfloat16: encode and score under autocast (~2x faster on CPUs with AVX512-BF16 / on GPUs); ranks
     # may differ slightly from float32 among near-tied items.
     precision: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)  # torch CPU threads while scoring; None keeps torch's default
+    write_csv: bool = False
     write_wide: bool = False
 
 
