@@ -4,7 +4,9 @@ Scores are ``[B, C]``: row ``i`` is a mini-batch event, column ``j < B`` is row 
 diagonal of the first ``B`` columns holds the positives) and the remaining ``C - B`` columns are the
 shared sampled negatives. A column whose item equals row ``i``'s target (a duplicate in-batch target or
 a sampled negative that happens to be the target) is masked out of row ``i``: it is not a negative.
-Columns of idle slots are masked for every row, and idle rows carry no loss.
+Columns of idle slots are masked for every row, and idle rows carry no loss; the loss is still divided
+by the full batch size, so the thinly populated steps at the end of an epoch (when only the longest
+sequences are left) make proportionally smaller updates instead of full-size, high-variance ones.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def cross_entropy(scores: Tensor, mask: Tensor, row_weight: Tensor | None) -> Te
     if row_weight is None:
         return F.cross_entropy(logits, labels)  # []
     per_row = F.cross_entropy(logits, labels, reduction="none")  # [B]
-    return (per_row * row_weight).sum() / row_weight.sum().clamp(min=1)  # []
+    return (per_row * row_weight).sum() / per_row.shape[0]  # [] idle rows count as zero loss
 
 
 def bpr_max(scores: Tensor, mask: Tensor, row_weight: Tensor | None, bpreg: float) -> Tensor:
@@ -64,7 +66,7 @@ def bpr_max(scores: Tensor, mask: Tensor, row_weight: Tensor | None, bpreg: floa
     per_row = per_row + bpreg * (weights * scores.square()).sum(dim=1)  # [B]
     if row_weight is None:
         return per_row.mean()  # []
-    return (per_row * row_weight).sum() / row_weight.sum().clamp(min=1)  # []
+    return (per_row * row_weight).sum() / per_row.shape[0]  # [] idle rows count as zero loss
 
 
 def sampled_loss(

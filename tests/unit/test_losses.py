@@ -31,7 +31,7 @@ def test_idle_rows_and_columns_are_ignored():
     scores = torch.tensor([[2.0, 9.0, 1.0], [0.0, 1.0, 0.0]])
     active = torch.tensor([True, False])
     loss = sampled_loss(scores, torch.tensor([5, 0, 7]), torch.tensor([5, 0]), active, loss="cross_entropy")
-    assert loss.item() == pytest.approx(_lse([2, 1]) - 2, abs=1e-6)
+    assert loss.item() == pytest.approx((_lse([2, 1]) - 2) / 2, abs=1e-6)  # summed over active rows / B
 
 
 def test_bpr_max_hand_computed():
