@@ -126,16 +126,21 @@ def score(work: Path, top_k: int, device: str, threads: int | None, sets: list[s
     t0 = time.perf_counter()
     manifest = score_users(config, model_uri=str(work / "model.pt"), run_date=RUN_DATE)
     manifest["wall_s"] = time.perf_counter() - t0
-    return {k: manifest[k] for k in ("counts", "timings", "wall_s", "device", "rows", "peak_rss_gb_after")}
+    keys = ("counts", "timings", "wall_s", "device", "rows", "peak_rss_gb_after", "precision",
+            "torch_threads")
+    return {k: manifest[k] for k in keys}
 
 
 # --- child: the straightforward way -----------------------------------------------------------------
 
-def baseline(work: Path, n_sample: int, top_k: int, device: str, max_history: int, seed: int) -> dict:
+def baseline(work: Path, n_sample: int, top_k: int, device: str, max_history: int, seed: int,
+             threads: int | None) -> dict:
     """One user at a time: through the pyfunc's ``recommend``, and straight through the model."""
     import polars as pl
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from recsys.model.checkpoint import build_model, load_checkpoint
     from recsys.model.pyfunc import recommend
     from recsys.schemas import ITEM_ID, TS, USER_ID
@@ -159,20 +164,31 @@ def baseline(work: Path, n_sample: int, top_k: int, device: str, max_history: in
     pyfunc_s = time.perf_counter() - t0
 
     index = dict(zip(vocab.item_ids.to_list(), range(len(vocab)), strict=True))
+    item_ids = vocab.item_ids.to_list()
+    lists = {}
     t0 = time.perf_counter()
     with torch.no_grad():
-        for h in histories:
+        for uid, h in zip(ids, histories, strict=True):
+            h = [i for n, i in enumerate(h) if n == 0 or h[n - 1] != i]  # repeats dropped, as the scorer does
             known = [index[i] for i in h if i in index]
             seq = known[-max_history:]
             state = model.final_states(torch.tensor([seq], device=dev), torch.tensor([len(seq)], device=dev))
             s = model.score_items(state)[0]  # [n_items]
             s[torch.tensor(known, device=dev)] = -torch.inf
-            torch.topk(s, top_k)
+            lists[uid] = [item_ids[i] for i in torch.topk(s, top_k).indices.tolist()]
     if dev.type == "cuda":
         torch.cuda.synchronize()
     model_s = time.perf_counter() - t0
+    # the batch export must hold the same lists (bfloat16 may swap near-tied items)
+    export = (pl.scan_parquet(work / "data" / "exports" / "recs" / "run_date=*" / "*.parquet")
+              .filter(pl.col(USER_ID).is_in(sample.implode())).sort(USER_ID, "rank")
+              .group_by(USER_ID, maintain_order=True).agg(pl.col(ITEM_ID)).collect())
+    got = dict(zip(export[USER_ID].to_list(), export[ITEM_ID].to_list(), strict=True))
+    overlap = [len(set(got.get(u, [])) & set(v)) / len(v) for u, v in lists.items()]
+    same = [got.get(u) == v for u, v in lists.items()]
     return {"sample_users": len(ids), "pyfunc_users_per_s": len(ids) / pyfunc_s,
-            "model_users_per_s": len(ids) / model_s}
+            "model_users_per_s": len(ids) / model_s,
+            "agreement_at_k": sum(overlap) / len(overlap), "identical_lists": sum(same) / len(same)}
 
 
 # --- parent -----------------------------------------------------------------------------------------
@@ -210,15 +226,17 @@ def bench_size(n_users: int, n_items: int, a: argparse.Namespace, base: Path) ->
                          *(["--threads", str(a.threads)] if a.threads else [])])
     load_after = load_average()
     print(f"[{name}] one user at a time on {a.baseline_users} users ...", flush=True)
+    threads = ["--threads", str(a.threads)] if a.threads else []
     bl, _ = run_child(["baseline", "--work", str(work), *common, "--baseline-users", str(a.baseline_users),
-                       "--seed", str(a.seed)]) if a.baseline_users else ({}, 0.0)
+                       "--seed", str(a.seed), *threads]) if a.baseline_users else ({}, 0.0)
     t = sc["timings"]
     processing = sum(v for k, v in t.items() if k not in ("load_model_s", "total_s"))
     users_per_s = n_users / processing
     result = {
         "size": name, "users": n_users, "items": n_items, "events": gen["events"],
         "mean_history": round(gen["mean_history"], 2), "top_k": a.top_k, "hidden": a.hidden,
-        "device": sc["device"], "users_per_s": round(users_per_s),
+        "device": sc["device"], "precision": sc["precision"], "torch_threads": sc["torch_threads"],
+        "users_per_s": round(users_per_s),
         "users_per_s_with_model_load": round(n_users / t["total_s"]),
         "seconds": {k.removesuffix("_s"): round(v, 3) for k, v in t.items()},
         "peak_rss_gb": round(rss, 3), "peak_rss_gb_after_phase": sc["peak_rss_gb_after"],
@@ -242,18 +260,20 @@ def print_table(results: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="recsys score: batch scoring benchmark (top-K, seen items excluded)")
-    for col in ("size", "device", "users/s", "history s", "encode s", "score s", "write s", "other s",
-                "peak RSS GB", "1-by-1 pyfunc u/s", "speed-up", "load (before/after)"):
+    for col in ("size", "device", "prec/threads", "users/s", "history s", "encode s", "score s", "write s",
+                "other s", "peak RSS GB", "1-by-1 pyfunc u/s", "speed-up", "same top-K",
+                "load (before/after)"):
         table.add_column(col, justify="right")
     for r in results:
         s = r["seconds"]
         write = s.get("validate", 0) + s.get("write", 0)
         other = s.get("popular", 0) + s.get("assemble", 0)
         table.add_row(
-            r["size"], r["device"], f"{r['users_per_s']:,}", f"{s['history']:.2f}",
-            f"{s.get('encode', 0):.2f}",
+            r["size"], r["device"], f"{r['precision']}/{r['torch_threads']}", f"{r['users_per_s']:,}",
+            f"{s['history']:.2f}", f"{s.get('encode', 0):.2f}",
             f"{s.get('score', 0):.2f}", f"{write:.2f}", f"{other:.2f}", f"{r['peak_rss_gb']:.2f}",
             f"{r['baseline'].get('pyfunc_users_per_s', 0):,.0f}", f"{r['speedup_vs_pyfunc'] or 0:,.0f}x",
+            f"{r['baseline'].get('agreement_at_k', float('nan')):.3f}",
             f"{r['load_before']} / {r['load_after']}",
         )
     Console(width=200).print(table)
@@ -288,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         elif a.child == "score":
             res = score(a.work, a.top_k, a.device, a.threads, a.set or [])
         else:
-            res = baseline(a.work, a.baseline_users, a.top_k, a.device, 50, a.seed)
+            res = baseline(a.work, a.baseline_users, a.top_k, a.device, 50, a.seed, a.threads)
         a.child_out.write_text(json.dumps(res, default=str))
         return
 
@@ -298,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(a.out.read_text()) if a.out.exists() else {}
     for r in results:
-        merged[f"{r['size']}-{r['device']}"] = r
+        merged[f"{r['size']}-{r['device']}-{r['precision']}-t{r['torch_threads']}"] = r
     a.out.write_text(json.dumps(merged, indent=2))
     print(f"results -> {a.out}")
     if a.workdir is None and not a.keep:
