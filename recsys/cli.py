@@ -82,11 +82,11 @@ def generate(
 def ingest(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="Viewing-log files (CSV/TSV/Parquet/NDJSON, optionally .gz/.zst) or Parquet dirs."),
+        typer.Argument(help="Viewing-log files (CSV/TSV/Parquet/NDJSON, .gz/.zst) or Parquet dirs."),
     ],
     preset: Annotated[
         str | None,
-        typer.Option("--preset", help="movielens-100k | movielens-dat | movielens-csv | yoochoose | diginetica"),
+        typer.Option("--preset", help="movielens-100k|movielens-dat|movielens-csv|yoochoose|diginetica"),
     ] = None,
     conf: ConfOption = None,
     set_: SetOption = None,
@@ -104,7 +104,8 @@ def ingest(
             console.print(ingest_tables(exc.report))
         raise fail(str(exc)) from None
     console.print(ingest_tables(report))
-    console.print(f"events -> {report.events_dir} (report: {Path(report.events_dir).parent / 'ingest_report.json'})")
+    report_file = Path(report.events_dir).parent / "ingest_report.json"
+    console.print(f"events -> {report.events_dir} (report: {report_file})")
 
 
 def _print_data_stats(stats: dict, where: Path) -> None:
