@@ -188,6 +188,30 @@ def seen_coordinates(hist: Histories, users: np.ndarray) -> tuple[np.ndarray, np
     return rows, hist.seen_items[first + np.arange(len(rows))]
 
 
+TOPK_BLOCK = 64
+
+
+def block_topk(scores: torch.Tensor, k: int, block: int = TOPK_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=1)`` in two cheap passes: same values (ties may pick other indices).
+
+    The k best items lie in the k blocks (of ``block`` adjacent columns) with the largest maxima: any other
+    block's items are beaten by k block maxima. So one max-reduction over the row (SIMD-friendly) plus a
+    topk over k*block candidates replaces a selection over the whole row (~2x faster on CPU).
+    """
+    b, n = scores.shape
+    n_blocks = n // block
+    if n_blocks < 4 * k or not scores.is_contiguous():
+        return torch.topk(scores, k, dim=1)
+    maxima = torch.as_strided(scores, (b, n_blocks, block), (n, block, 1)).amax(dim=2)  # [b, n_blocks]
+    best = torch.topk(maxima, k, dim=1).indices  # [b, k]
+    cols = (best.unsqueeze(2) * block + torch.arange(block, device=scores.device)).reshape(b, k * block)
+    if n_blocks * block < n:  # the ragged tail is always a candidate
+        tail = torch.arange(n_blocks * block, n, device=scores.device).expand(b, -1)
+        cols = torch.cat([cols, tail], dim=1)  # [b, k*block + tail]
+    vals, pos = torch.topk(scores.gather(1, cols), k, dim=1)  # [b, k]
+    return vals, cols.gather(1, pos)
+
+
 @torch.no_grad()
 def rank_users(
     score_fn: Callable[[int, int], torch.Tensor],
@@ -214,7 +238,7 @@ def rank_users(
             rows, cols = seen_coordinates(hist, chunk)
             if len(rows):
                 scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -torch.inf
-        vals, idx = torch.topk(scores, k, dim=1)  # [b, k] sorted, -inf last
+        vals, idx = block_topk(scores, k)  # [b, k] sorted, -inf last
         out_idx[chunk, :k] = idx.cpu().numpy()
         out_score[chunk, :k] = vals.float().cpu().numpy()
 

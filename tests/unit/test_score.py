@@ -203,3 +203,20 @@ def test_bfloat16_precision_and_threads_setting(tmp_path):
     assert got.keys() == want.keys()
     overlap = np.mean([len(set(got[u][0]) & set(want[u][0])) / 5 for u in want])
     assert overlap >= 0.8  # bf16 rounding may swap near-tied items only
+
+
+@pytest.mark.parametrize("n, k", [(5000, 20), (4103, 7), (300, 20), (2560, 10)])
+def test_block_topk_equals_torch_topk(n, k):
+    from recsys.score import block_topk
+
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(33, n, generator=g)
+    scores[0, : n - 3] = -torch.inf  # fewer finite scores than k
+    scores[1] = -torch.inf
+    scores[2, 100:] = -torch.inf  # all the best in the first blocks
+    scores[3, :-5] -= 100  # all the best in the ragged tail
+    vals, idx = block_topk(scores, k)
+    want_vals, want_idx = torch.topk(scores, k, dim=1)
+    assert torch.equal(vals, want_vals)
+    finite = torch.isfinite(want_vals)
+    assert torch.equal(idx[finite], want_idx[finite])
