@@ -174,3 +174,49 @@ def test_resume_continues_the_killed_run(tmp_path, monkeypatch):
     runs = client.search_runs([client.get_run(out["run_id"]).info.experiment_id])
     assert [r.info.run_id for r in runs] == [out["run_id"]] and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(out["run_id"], "valid_mrr_20")] == [1, 2, 3]
+
+
+@pytest.mark.integration
+def test_ui_serves_the_store_on_loopback(tracked, tmp_path):
+    """`recsys ui` on a free loopback port: HTML, runs/search and the champion alias; stops cleanly."""
+    import signal
+    import urllib.request
+
+    config, out = tracked
+    port = free_port()
+    args = [sys.executable, "-m", "recsys.cli", "ui", "--port", str(port),
+            "--set", f"paths.data_root={config.paths.data_root}",
+            "--set", f"tracking.tracking_uri={config.tracking.tracking_uri}"]
+    log = (tmp_path / "ui.log").open("w")
+    proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "UI did not start"
+            time.sleep(1)
+        with urllib.request.urlopen(base + "/", timeout=10) as response:
+            assert b"<title>MLflow</title>" in response.read()
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [mlflow.get_run(out["run_id"]).info.experiment_id]}).encode())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            runs = json.loads(response.read())["runs"]
+        assert out["run_id"] in {r["info"]["run_id"] for r in runs}
+        name = config.tracking.registered_model
+        alias = f"{base}/api/2.0/mlflow/registered-models/alias?name={name}&alias=challenger"
+        with urllib.request.urlopen(alias, timeout=10) as response:
+            assert json.loads(response.read())["model_version"]["run_id"] == out["run_id"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{base}/health", timeout=2)
