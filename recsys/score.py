@@ -319,6 +319,9 @@ def _score_users(
         )
 
     n_users = hist.n_users
+    if n_users == 0:
+        raise ValueError(f"no events before {cutoff.isoformat()} under {events_dir}: no user to score "
+                         "(wrong --run-date or events_dir?)")
     k = min(sc.top_k, n_items)
     out_idx = np.zeros((n_users, k), dtype=np.int32)  # [U, k] vocab indices
     out_score = np.full((n_users, k), -np.inf, dtype=np.float32)  # [U, k]

@@ -220,3 +220,10 @@ def test_block_topk_equals_torch_topk(n, k):
     assert torch.equal(vals, want_vals)
     finite = torch.isfinite(want_vals)
     assert torch.equal(idx[finite], want_idx[finite])
+
+
+def test_run_date_before_all_events_fails_clearly(tmp_path):
+    world = make_world(tmp_path)
+    with pytest.raises(ValueError, match="no user to score"):
+        score_users(world.config, model_uri=str(world.checkpoint), run_date=RUN_DATE - timedelta(days=200))
+    assert not complete_partitions(world.exports_dir)
