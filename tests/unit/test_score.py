@@ -227,3 +227,24 @@ def test_run_date_before_all_events_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="no user to score"):
         score_users(world.config, model_uri=str(world.checkpoint), run_date=RUN_DATE - timedelta(days=200))
     assert not complete_partitions(world.exports_dir)
+
+
+def test_champion_by_default_and_registry_name_version_in_export(tmp_path, monkeypatch):
+    import recsys.registry as registry
+
+    world = make_world(tmp_path)
+    asked = []
+
+    def fake_resolve(config, model_uri):
+        asked.append(model_uri)
+        return registry.ResolvedModel(world.checkpoint, name="recsys-gru4rec", version="7", run_id="r1",
+                                      uri=model_uri)
+
+    monkeypatch.setattr(registry, "resolve_model", fake_resolve)
+    manifest = score_users(world.config, run_date=RUN_DATE)
+    assert asked == ["models:/recsys-gru4rec@champion"]
+    recs = read_recs(world.exports_dir, RUN_DATE).collect()
+    assert recs["model_name"].unique().to_list() == ["recsys-gru4rec"]
+    assert recs["model_version"].unique().to_list() == ["7"]
+    assert manifest["model"]["run_id"] == "r1"
+    assert manifest["model"]["uri"] == "models:/recsys-gru4rec@champion"
