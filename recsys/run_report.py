@@ -59,6 +59,7 @@ def write_epoch_plot(history: Sequence[Mapping[str, Any]], path: Path, metric: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = epoch_rows(history)
     epochs = [row.get("epoch", i + 1) for i, row in enumerate(rows)]
@@ -73,6 +74,8 @@ def write_epoch_plot(history: Sequence[Mapping[str, Any]], path: Path, metric: s
     ax_valid.set(title="validation", xlabel="epoch")
     if ax_valid.has_data():
         ax_valid.legend()
+    for ax in (ax_loss, ax_valid):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -241,6 +241,15 @@ def final_metrics(test_metrics: Mapping[str, Any], baselines: Mapping[str, Mappi
     return values
 
 
+def best_epoch_metrics(history: list[Mapping[str, Any]], best_epoch: int) -> dict[str, float]:
+    """``best_epoch`` and ``best_valid_<metric>`` of the epoch whose checkpoint was registered."""
+    for entry in history:
+        if int(entry.get("epoch", -1)) == int(best_epoch):
+            valid = numeric_items(entry.get("valid") or {})
+            return {"best_epoch": float(best_epoch), **{f"best_valid_{k}": v for k, v in valid.items()}}
+    return {}
+
+
 def _log_run_artifacts(config: Config, split_dir: Path, history: list[dict], test_metrics: Mapping,
                        baselines: Mapping[str, Mapping], run_id: str) -> None:
     """Resolved config, split stats, per-epoch plot and table, and the final comparison table."""
@@ -361,6 +370,7 @@ def tracked_training(
 
     checkpoint = Path(result.best_checkpoint)
     metrics = final_metrics(result.test_metrics, result.baseline_metrics)
+    metrics.update(best_epoch_metrics(list(result.history), getattr(result, "best_epoch", 0)))
     if run_id is None:
         raise TrackingUnavailableError(f"{start_error}; training finished, {_register_hint(checkpoint)}")
     try:

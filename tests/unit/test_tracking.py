@@ -48,6 +48,7 @@ def test_run_records_params_metrics_lineage_and_artifacts(tracked):
     for prefix in ("test_gru", "test_most_popular", "test_item_knn"):
         assert 0.0 <= metrics[f"{prefix}_mrr_20"] <= 1.0
     assert any(key.startswith("system/") for key in metrics), sorted(metrics)
+    assert metrics["best_epoch"] == 1 and metrics["best_valid_mrr_20"] == metrics["valid_mrr_20"]
     assert tags["data.snapshot_hash"] == snapshot_hash(config.paths.split_dir)
     assert tags["data.rows.train"] == "60" and tags["seed"] == str(config.train.seed)
     assert tags["device"] == "cpu" and "versions.torch" in tags and "versions.mlflow" in tags
