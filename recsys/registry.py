@@ -97,6 +97,7 @@ def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]
     from recsys.lineage import lineage_tags
     from recsys.model.checkpoint import load_checkpoint
     from recsys.run_report import numeric_items
+    from recsys.tracking import epoch_metrics
 
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
@@ -113,12 +114,10 @@ def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]
     )
     try:
         mlflow.log_params(flatten_config(ckpt.config))
-        metrics = {k: v for k, v in numeric_items(ckpt.metrics).items()}
+        metrics = numeric_items(ckpt.metrics)
         if metrics:
             mlflow.log_metrics(metrics, step=ckpt.epoch)
         for entry in (ckpt.extra or {}).get("history", []):
-            from recsys.tracking import epoch_metrics
-
             mlflow.log_metrics(epoch_metrics(entry), step=int(entry.get("epoch", 0)))
         version = log_and_register(config, checkpoint_path, run.info.run_id)
     except BaseException:
@@ -228,8 +227,9 @@ def gate_value(metrics: dict[str, float], metric: str) -> float:
     return value * n / (n + lost) if n + lost > 0 else 0.0
 
 
-def _evaluate_version(config: Config, store: TrackingStore, version: Any, label: str,
-                      with_popular: bool) -> dict[str, dict[str, float]]:
+def _evaluate_version(
+    config: Config, version: Any, label: str, with_popular: bool
+) -> dict[str, dict[str, float]]:
     """Test-split metrics of one registered version (and most-popular under the same vocabulary)."""
     from recsys.evaluate import evaluate_all
     from recsys.model.checkpoint import build_model, load_checkpoint
@@ -304,7 +304,7 @@ def promote(config: Config) -> PromotionDecision:
         decision.reason = f"version {challenger.version} is already the champion"
         return decision
     try:
-        rows = _evaluate_version(config, store, challenger, CHALLENGER, with_popular=True)
+        rows = _evaluate_version(config, challenger, CHALLENGER, with_popular=True)
         decision.challenger_metrics = rows[CHALLENGER]
         decision.popular_metrics = rows[POPULAR]
     except Exception as exc:  # anything wrong with the challenger's artifact keeps it out
@@ -315,7 +315,7 @@ def promote(config: Config) -> PromotionDecision:
     champion_note = ""
     if champion is not None:
         try:
-            decision.champion_metrics = _evaluate_version(config, store, champion, CHAMPION,
+            decision.champion_metrics = _evaluate_version(config, champion, CHAMPION,
                                                           with_popular=False)[CHAMPION]
         except Exception as exc:
             logger.exception("champion version %s could not be evaluated", champion.version)
