@@ -18,10 +18,15 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recsys.config import Config, flatten_config
-from recsys.tracking import TrackingStore, connect, resolve_tracking_uri, with_retries
+
+if TYPE_CHECKING:
+    from recsys.tracking import TrackingStore
+
+# recsys.tracking (and so mlflow, ~4 s to import) is imported inside the functions that talk to the store:
+# resolving a local checkpoint path must stay cheap for scoring.
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +77,7 @@ def log_and_register(config: Config, checkpoint: Path, run_id: str) -> Any:
 
     from recsys.model.pyfunc import log_pyfunc_model
     from recsys.schemas import TEST_FILE
+    from recsys.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(config)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -97,7 +103,7 @@ def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]
     from recsys.lineage import lineage_tags
     from recsys.model.checkpoint import load_checkpoint
     from recsys.run_report import numeric_items
-    from recsys.tracking import epoch_metrics
+    from recsys.tracking import connect, epoch_metrics, with_retries
 
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
@@ -135,6 +141,8 @@ def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]
 def _download(config: Config, artifact_uri: str, cache_key: str) -> Path:
     """Download a model directory once into ``mlflow_dir/downloads/<cache_key>`` (atomic rename)."""
     import mlflow
+
+    from recsys.tracking import resolve_tracking_uri, with_retries
 
     store_key = hashlib.sha256(resolve_tracking_uri(config).encode()).hexdigest()[:12]  # one cache per store
     target = config.paths.mlflow_dir / "downloads" / store_key / cache_key
@@ -174,6 +182,8 @@ def get_version(store: TrackingStore, config: Config, name: str, ref: str) -> An
     """A ``ModelVersion`` by alias (``@champion``) or number; :class:`RegistryError` when there is none."""
     from mlflow.exceptions import MlflowException
 
+    from recsys.tracking import with_retries
+
     client = store.client
     try:
         if ref.startswith("@"):
@@ -194,6 +204,8 @@ def resolve_model(config: Config, model_uri: str) -> ResolvedModel:
             raise RegistryError(f"{model_uri!r} is neither a model URI (models:/NAME@alias, models:/NAME/3, "
                                 "runs:/RUN_ID/model) nor an existing checkpoint file or model directory")
         return local
+    from recsys.tracking import connect
+
     store = connect(config)
     if model_uri.startswith("runs:/"):
         run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
@@ -286,6 +298,7 @@ def promote(config: Config) -> PromotionDecision:
     cannot be downloaded, loaded or evaluated is rejected; a champion that cannot be is treated as absent
     (the reason says so). The decision, the metric sets and the reason become tags of the challenger version.
     """
+    from recsys.tracking import connect, with_retries
     metric = config.promote.metric
     cutoff = metric.partition("@")[2]
     if not cutoff.isdigit() or int(cutoff) not in config.evaluate.cutoffs:
@@ -340,6 +353,7 @@ def promote(config: Config) -> PromotionDecision:
 
 def _record(store: TrackingStore, config: Config, name: str, decision: PromotionDecision) -> None:
     from recsys.lineage import snapshot_hash
+    from recsys.tracking import with_retries
 
     tags = {
         "promotion.decision": "promoted" if decision.promoted else "rejected",
