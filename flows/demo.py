@@ -34,14 +34,18 @@ SHOWN_METRICS = ("recall@10", "recall@20", "mrr@20", "ndcg@20", "coverage@20")
 
 
 def run_pipeline(
-    overrides: list[str], run_date: date | None = None, inputs: list[Path] | None = None, shards: int = 1
+    overrides: list[str],
+    run_date: date | None = None,
+    inputs: list[Path] | None = None,
+    shards: int = 1,
+    executor: str = "threads",
 ) -> dict[str, Any]:
     """Run pipeline_flow (raises if any stage fails) and add the wall time."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API call otherwise
     t0 = time.perf_counter()
     summary = pipeline_flow(
         run_date=run_date, input=[str(p) for p in inputs] if inputs else None, shards=shards,
-        overrides=overrides,
+        executor=executor, overrides=overrides,
     )
     return {**summary, "wall_seconds": round(time.perf_counter() - t0, 1)}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -30,6 +30,7 @@ def pipeline_flow(
     run_date: date | None = None,
     input: list[str] | None = None,  # noqa: A002 - the parameter name users see in the UI
     shards: int = 1,
+    executor: Literal["threads", "dask"] = "threads",
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline for one run date, each stage reading the previous stage's output by path.
@@ -38,6 +39,7 @@ def pipeline_flow(
     split, GRU4Rec training tracked in MLflow, the champion/challenger gate, and batch scoring with the
     champion into exports/recs/run_date=YYYY-MM-DD/ (published atomically). Each stage is its own
     flow run with its artifacts; re-running for the same run date republishes the same export.
+    `shards` > 1 scores user shards in parallel on `executor` (threads, or a local Dask cluster).
     """
     logger = get_run_logger()
     config = flow_config(overrides)
@@ -50,7 +52,7 @@ def pipeline_flow(
                     generated.get("users"), generated.get("out_dir"))
     ingest = ingest_flow(run_date=day, input=input, overrides=overrides)
     train = train_flow(run_date=day, prepare=True, promote=True, overrides=overrides)
-    score = score_flow(run_date=day, alias="champion", shards=shards, overrides=overrides)
+    score = score_flow(run_date=day, alias="champion", shards=shards, executor=executor, overrides=overrides)
     logger.info("pipeline %s done: export at %s", day, score.get("path"))
     return {
         "run_date": str(day),

@@ -501,11 +501,12 @@ def _prefect_env(conf: Path | None, overrides: list[str] | None) -> Config:
 def pipeline(
     conf: ConfOption = None,
     overrides: SetOption = None,
-    run_date: Annotated[str | None, typer.Option(help="Logical date YYYY-MM-DD (default: today UTC).")] = None,
+    run_date: Annotated[str | None, typer.Option(help="Logical date YYYY-MM-DD (default: today).")] = None,
     input: Annotated[
         list[Path] | None, typer.Option("--input", help="Raw log files/dirs (default: synthetic data).")
     ] = None,
     shards: Annotated[int, typer.Option(min=1, help="Score users in this many shards (task runner).")] = 1,
+    executor: Annotated[str, typer.Option(help="Where shards run: threads | dask (local).")] = "threads",
     full: Annotated[bool, typer.Option(help="Use conf/ as is, without the demo's quick settings.")] = False,
     users: Annotated[int, typer.Option(min=0, help="Users whose next-watch lists are printed.")] = 3,
 ) -> None:
@@ -518,7 +519,7 @@ def pipeline(
     all_overrides = ([] if full else list(DEMO_OVERRIDES)) + list(overrides or [])
     day = date.fromisoformat(run_date) if run_date else None
     try:
-        summary = run_pipeline(all_overrides, run_date=day, inputs=input, shards=shards)
+        summary = run_pipeline(all_overrides, run_date=day, inputs=input, shards=shards, executor=executor)
     except Exception as exc:  # the flow logs above name the failed stage and its traceback
         raise fail(f"pipeline failed: {type(exc).__name__}: {exc}") from None
     print_summary(console, summary, all_overrides, n_users=users)
