@@ -76,9 +76,9 @@ def io_task(task: T, config: Config) -> T:
     )
 
 
-def config_fingerprint(config: Config, *files: Path) -> str:
-    """Hash of the resolved config and of the given small input files (what a cached result depends on)."""
-    digest = hashlib.sha256(config_to_yaml(config).encode())
+def config_fingerprint(config: Config, *files: Path, extra: str = "") -> str:
+    """Hash of the resolved config, the given input files' bytes and ``extra`` (what a result depends on)."""
+    digest = hashlib.sha256(config_to_yaml(config).encode() + extra.encode())
     for file in files:
         digest.update(str(file).encode())
         digest.update(file.read_bytes() if file.is_file() else b"<missing>")

@@ -47,12 +47,14 @@ def split_task(config: Config) -> dict[str, Any]:
 
 
 def training_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """One training per (run date, resolved config, split snapshot): a re-run reuses the recorded result."""
+    """One training per (run date, resolved config, tracking store, split data): a re-run reuses it."""
+    from recsys.tracking import resolve_tracking_uri
+
     config: Config = parameters["config"]
     split = config.paths.split_dir
     # the split's data files (stats.json holds timings, so it is left out)
     files = [split / name for name in (TRAIN_FILE, VALID_FILE, TEST_FILE, VOCAB_FILE)]
-    fingerprint = config_fingerprint(config, *files)
+    fingerprint = config_fingerprint(config, *files, extra=resolve_tracking_uri(config))
     return f"train-{parameters['run_date']}-{fingerprint}"
 
 
