@@ -49,11 +49,15 @@ def test_io_task_never_retries_deterministic_errors(harness, error):
     assert calls["n"] == 1
 
 
-def test_training_task_has_no_retries():
+def test_training_has_no_retries_io_tasks_back_off_exponentially():
+    from flows.ingest import ingest_task
     from flows.train import train_task
 
     assert train_task.retries == 0
-    assert retry_io_errors is not None
+    config = load_config(None, ["orchestrate.io_retries=3", "orchestrate.io_retry_delay_seconds=2"])
+    io = io_task(ingest_task, config)
+    assert io.retries == 3 and io.retry_condition_fn is retry_io_errors
+    assert io.retry_delay_seconds == [2.0, 4.0, 8.0]
 
 
 def test_bad_override_fails_the_flow_before_any_task(harness):
