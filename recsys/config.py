@@ -241,7 +241,7 @@ class ScoreConfig(Section):
     # bfloat16: encode and score under autocast (~2x faster on CPUs with AVX512-BF16 / on GPUs); ranks
     # may differ slightly from float32 among near-tied items.
     precision: Literal["float32", "bfloat16"] = "float32"
-    threads: int | None = Field(None, ge=1)  # torch CPU threads while scoring; None keeps torch's default
+    threads: int | None = Field(None, ge=1)  # torch CPU threads while scoring; None: the idle cores (>= 1)
     write_csv: bool = False
     write_wide: bool = False
 
