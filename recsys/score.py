@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -256,12 +257,25 @@ def history_cutoff(run_date: date) -> datetime:
     return datetime.combine(run_date + timedelta(days=1), dtime(0), tzinfo=UTC)
 
 
+def auto_threads() -> int:
+    """Torch threads for the cores that are idle now (at least 1, at most torch's default).
+
+    OpenMP threads spin-wait for each other; on a machine whose other processes already use the cores,
+    two threads on 2 cores were measured 6x slower than one (benchmarks/bench_score.py, load ~7).
+    """
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return torch.get_num_threads()
+    idle = (os.cpu_count() or 1) - int(busy + 0.5)
+    return max(1, min(torch.get_num_threads(), idle))
+
+
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` torch CPU threads (None: unchanged), restoring the previous number afterwards."""
+    """Run with ``n`` torch CPU threads (None: ``auto_threads()``), restoring the previous number after."""
     before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n or auto_threads())
     try:
         yield
     finally:
