@@ -34,6 +34,15 @@ def tracked(tmp_path_factory):
     return config, out
 
 
+def on_shared_store(tracked, root: Path, name: str, **sections: dict):
+    """A fresh world whose runs go to the ``tracked`` store under their own experiment and registered
+    model (creating a store costs seconds; the experiments keep the tests independent)."""
+    store_config, _ = tracked
+    tracking = {"tracking_uri": store_config.tracking.tracking_uri, "experiment": name,
+                "registered_model": f"model-{name}", **sections.pop("tracking", {})}
+    return make_world(root, tracking=tracking, **sections)
+
+
 def test_run_records_params_metrics_lineage_and_artifacts(tracked):
     config, out = tracked
     client = MlflowClient(tracking_uri=out["tracking_uri"], registry_uri=out["tracking_uri"])
@@ -78,7 +87,7 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert resolve_tracking_uri(config) == "sqlite:////elsewhere/m.db"
 
 
-def test_unreachable_server_keeps_checkpoint_and_register_recovers(tmp_path):
+def test_unreachable_server_keeps_checkpoint_and_register_recovers(tracked, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     config = make_world(tmp_path / "data", tracking={"tracking_uri": url, "retries": 2,
                                                      "retry_backoff_seconds": 0.05})
@@ -92,7 +101,7 @@ def test_unreachable_server_keeps_checkpoint_and_register_recovers(tmp_path):
     assert time.monotonic() - start < 60  # bounded: no hanging HTTP retries
 
     # the server is back (here: the embedded store): the kept checkpoint is logged and registered
-    recovered = make_config(tmp_path / "data")
+    recovered = on_shared_store(tracked, tmp_path / "data", "recovered")
     out = register_checkpoint(recovered, checkpoint)
     client = MlflowClient(tracking_uri=out["tracking_uri"], registry_uri=out["tracking_uri"])
     version = client.get_model_version_by_alias(recovered.tracking.registered_model, CHALLENGER)
@@ -134,10 +143,11 @@ def test_two_training_processes_at_once_are_both_recorded(tmp_path):
     assert sorted(v.run_id for v in versions) == sorted(run_ids)
 
 
-def test_tune_nested_runs_best_child_and_resume(tmp_path):
+def test_tune_nested_runs_best_child_and_resume(tracked, tmp_path):
     from recsys.tune import tune
 
-    config = make_world(tmp_path / "data", tune={"n_trials": 2, "epochs": 1, "prune": False})
+    config = on_shared_store(tracked, tmp_path / "data", "tune",
+                             tune={"n_trials": 2, "epochs": 1, "prune": False})
     config.tune.space = {"train.learning_rate": {"type": "float", "low": 0.02, "high": 0.2, "log": True},
                          "model.hidden_size": {"type": "categorical", "choices": [4, 8]}}
     first = tune(config)
@@ -154,11 +164,12 @@ def test_tune_nested_runs_best_child_and_resume(tmp_path):
     assert parent.data.metrics["best_valid_mrr_20"] == pytest.approx(best.data.metrics["best_valid_mrr_20"])
 
 
-def test_resume_continues_the_killed_run(tmp_path, monkeypatch):
+def test_resume_continues_the_killed_run(tracked, tmp_path, monkeypatch):
     """Killed after epoch 1; ``resume=True`` continues the same checkpoint and the same MLflow run."""
     import recsys.tracking as tracking
 
-    config = make_world(tmp_path / "data", train={"epochs": 3}, tracking={"system_metrics": False})
+    config = on_shared_store(tracked, tmp_path / "data", "resume", train={"epochs": 3},
+                             tracking={"system_metrics": False})
     log_epoch = tracking.EpochLogger.__call__
 
     def killed_after_first_epoch(self, info):
