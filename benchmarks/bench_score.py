@@ -226,7 +226,7 @@ def bench_size(n_users: int, n_items: int, a: argparse.Namespace, base: Path) ->
                          *(["--threads", str(a.threads)] if a.threads else [])])
     load_after = load_average()
     print(f"[{name}] one user at a time on {a.baseline_users} users ...", flush=True)
-    threads = ["--threads", str(a.threads)] if a.threads else []
+    threads = ["--threads", str(a.threads or sc["torch_threads"])]  # same threads as the batch run: fair
     bl, _ = run_child(["baseline", "--work", str(work), *common, "--baseline-users", str(a.baseline_users),
                        "--seed", str(a.seed), *threads]) if a.baseline_users else ({}, 0.0)
     t = sc["timings"]
