@@ -76,14 +76,12 @@ def log_and_register(config: Config, checkpoint: Path, run_id: str) -> Any:
     from mlflow import MlflowClient
 
     from recsys.model.pyfunc import log_pyfunc_model
-    from recsys.schemas import TEST_FILE
     from recsys.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(config)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = config.tracking.registered_model
-    info = log_pyfunc_model(checkpoint, split_test=config.paths.split_dir / TEST_FILE,
-                            registered_model_name=name)
+    info = log_pyfunc_model(checkpoint, registered_model_name=name)
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, "run_id", run_id)
     client.set_model_version_tag(name, version, "checkpoint", str(checkpoint))

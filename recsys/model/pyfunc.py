@@ -156,18 +156,14 @@ class GRU4RecPyfunc(mlflow.pyfunc.PythonModel):
         )
 
 
-def example_input(vocab: Vocab, split_test: Path | None = None, n_users: int = 2) -> pd.DataFrame:
-    """A small input frame: real users and histories from a split file when given, else made up."""
-    if split_test is not None and Path(split_test).is_file():
-        frame = pl.read_parquet(split_test, columns=["user_id", "items"], n_rows=n_users)
-        if frame.height:
-            return pd.DataFrame({
-                "user_id": frame["user_id"].to_list(),
-                "history": [list(items[-10:]) for items in frame["items"].to_list()],
-            })
-    ids = vocab.item_ids.to_list()
+def example_input(vocab: Vocab, n_users: int = 2) -> pd.DataFrame:
+    """A small input frame for the model's docs: made-up user ids, popular catalogue items as histories.
+
+    Real users' histories are personal data and do not belong in a model artifact.
+    """
+    ids = vocab.item_ids.to_list()  # index order: most watched first
     return pd.DataFrame({
-        "user_id": [f"user-{i}" for i in range(n_users)],
+        "user_id": [f"example-user-{i + 1}" for i in range(n_users)],
         "history": [ids[i : i + 3] for i in range(n_users)],
     })
 
@@ -196,7 +192,6 @@ def model_signature(
 def log_pyfunc_model(
     checkpoint: Path,
     *,
-    split_test: Path | None = None,
     registered_model_name: str | None = None,
     name: str = "model",
 ) -> mlflow.models.model.ModelInfo:
@@ -207,7 +202,7 @@ def log_pyfunc_model(
     from recsys.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)  # a checkpoint that does not load is not logged
-    example = example_input(ckpt.vocab, split_test)
+    example = example_input(ckpt.vocab)
     with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
         staged = Path(tmp) / CHECKPOINT_FILE  # the artifact keeps this name: artifacts/checkpoint.pt
         shutil.copyfile(checkpoint, staged)
