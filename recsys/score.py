@@ -360,6 +360,11 @@ def _score_users(
                 hist, batch, n_items=n_items, top_k=k, exclude_seen=sc.exclude_seen, excluded=excluded,
                 chunk_rows=chunk_rows, out_idx=out_idx, out_score=out_score,
             )
+        done = lo + len(batch)
+        if done * 10 // len(order) > lo * 10 // len(order):  # every ~10%
+            spent = timer.seconds.get("encode_s", 0.0) + timer.seconds["score_s"]
+            log.info("scored %d/%d users (%.0f users/s, peak RSS %.2f GB)", done, len(order),
+                     done / max(spent, 1e-9), peak_rss_gb())
 
     with timer("popular_s"):
         no_history = np.flatnonzero(lengths == 0)
