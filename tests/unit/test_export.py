@@ -195,3 +195,50 @@ def test_rows_in_any_order_are_validated_the_same(tmp_path):
     assert validate_recs(shuffled, RecsChecks(top_k=3)) == []
     assert "not unique" in validate_recs(
         shuffled.with_columns(pl.lit(5, pl.Int64).alias(ITEM_ID)), RecsChecks(top_k=3))[0]
+
+
+CHILD = '''
+import sys, numpy as np, polars as pl
+from datetime import date
+from recsys.export import publish_recs, RecsChecks
+n, k = 100_000, 20
+recs = pl.DataFrame({
+    "user_id": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(1, k + 1, dtype=np.int16), n),
+    "item_id": np.tile(np.arange(k), n), "score": np.ones(n * k, dtype=np.float32),
+}).with_columns(source=pl.lit("model"), model_name=pl.lit("m"), model_version=pl.lit(sys.argv[2]),
+                run_date=pl.lit(date(2026, 3, 10)))
+print("ready", flush=True)
+publish_recs(recs, exports_dir=sys.argv[1], run_date=date(2026, 3, 10), manifest={},
+             checks=RecsChecks(top_k=k), write_csv=True)
+'''
+
+
+@pytest.mark.slow
+def test_real_kill_9_at_random_moments(tmp_path):
+    """A real SIGKILL while a 2M-row export is published: whatever is visible is complete."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    subprocess.run([sys.executable, str(script), str(tmp_path), "v0"], check=True, capture_output=True)
+    rng = random.Random(5)
+    seen_versions = set()
+    for i in range(1, 7):
+        child = subprocess.Popen([sys.executable, str(script), str(tmp_path), f"v{i}"],
+                                 stdout=subprocess.PIPE, text=True)
+        child.stdout.readline()  # the frame is built; publishing starts now
+        time.sleep(rng.uniform(0, 1.0))
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        part = partition_dir(tmp_path, DAY)
+        data = pl.read_parquet(part / "part-0.parquet")
+        assert json.loads((part / MANIFEST_FILE).read_text())["rows"] == data.height == 2_000_000
+        seen_versions.add(data["model_version"].unique().item())
+    assert seen_versions <= {f"v{i}" for i in range(7)}
+    subprocess.run([sys.executable, str(script), str(tmp_path), "last"], check=True, capture_output=True)
+    assert visible(tmp_path) == "last" and list((tmp_path / "_staging").iterdir()) == []
