@@ -361,7 +361,8 @@ def promote(
     for label, values in rows:
         if values:
             table.add_row(label, *(f"{values.get(c, float('nan')):.4f}" for c in columns))
-    console.print(table)
+    if table.row_count:  # nothing was evaluated when the challenger already is the champion
+        console.print(table)
     verdict = "[green]PROMOTED[/green]" if decision.promoted else "[yellow]not promoted[/yellow]"
     console.print(f"{verdict}: {escape(decision.reason)}")  # the reason holds "[all]", not markup
     if json_out is not None:
