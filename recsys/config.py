@@ -234,7 +234,7 @@ class ScoreConfig(Section):
     exclude_items_file: Path | None = None  # one item id per line: withdrawn from the catalogue
     # Histories encoded at once (length-sorted, padded). None: 1024 on CPU (fastest measured), 16384 on CUDA.
     user_batch_size: int | None = Field(None, ge=1)
-    # Scores held at once (users x catalogue). None: 2.5M on CPU (fits the L3 cache, fastest there),
+    # Scores held at once (users x catalogue). None: 128 users' worth on CPU (fastest measured, at most 64M),
     # 256M on CUDA. Bounds scoring memory whatever the catalogue size.
     chunk_elements: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
