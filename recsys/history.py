@@ -92,8 +92,8 @@ def load_histories(
     with_seen: bool = True,
     users: pl.Series | None = None,
 ) -> Histories:
-    """Histories of every user with events before ``cutoff`` (or of ``users`` only, in the given order
-    of first appearance; requested users without events get an empty history).
+    """Histories of every user with events before ``cutoff``, in user-id order (or of ``users`` only:
+    those with events in id order, then the requested users without any event, with empty histories).
 
     ``history_days`` limits the window fed to the model to ``[cutoff - days, cutoff)``; consecutive
     repeats of an item are dropped like the sessions stage does; items unknown to ``vocab`` are skipped
@@ -110,8 +110,8 @@ def load_histories(
     if users is not None:
         users = _as_event_ids(users, lf.collect_schema()[USER_ID])
         lf = lf.join(users.unique().to_frame().lazy(), on=USER_ID, how="semi")
-    # Collect three columns, sort by index and gather only what is needed afterwards: measured ~35% lower
-    # peak memory than sorting inside the lazy query (which carries every column through the sort).
+    # Collect three columns, sort by index and gather only what is needed afterwards: ~30% lower peak
+    # memory than sorting inside the lazy query (measured on 4.5M events), which carries every column.
     raw = lf.collect()
     order = raw.select(pl.arg_sort_by(USER_ID, TS, maintain_order=True)).to_series()
     in_window = np.ones(raw.height, dtype=bool)
