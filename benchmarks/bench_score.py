@@ -11,6 +11,10 @@ code path of ``model.predict``), and one user at a time straight through the mod
     .venv/bin/python benchmarks/bench_score.py --sizes 1M:100k        # the large size (minutes)
     .venv/bin/python benchmarks/bench_score.py --sizes 20k:5k --device cuda
 
+users/s = users / (every phase of score_users except loading the model: history, encode, score, popular,
+assemble, validate, write); the JSON also has the figure with the model load. Torch threads: the scorer's
+auto choice (idle cores) unless --threads; the one-by-one baseline uses the same number.
+
 Targets (issue 5): >= 20,000 users/s at 100k x 20k (hidden 100, top-20) on the 2-core CPU;
 1M x 100k within ~4 GB peak RSS. Results: table + benchmarks/results/bench_score.json (merged by size).
 """
