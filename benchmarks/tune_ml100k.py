@@ -21,10 +21,11 @@ from recsys.train import train_model  # noqa: E402
 
 
 def main() -> None:
-    root = Path("/tmp") / "tune_ml100k"
+    source = os.environ.get("SPLIT_SOURCE", "direct")
+    root = Path("/tmp") / f"tune_ml100k_{source}"
     split_dir = root / "split"
     if not (split_dir / "vocab.parquet").exists():
-        split_dir, _ = prepare_split("ml-100k", "leave_one_out", DEFAULT_DATA, root)
+        split_dir, _ = prepare_split("ml-100k", "leave_one_out", DEFAULT_DATA, root, source)
     for trial in sys.argv[1:]:
         cfg = bench_config(root, "leave_one_out", ML100K_OVERRIDES, trial.split() + ["train.run_name=tune"])
         t0 = time.perf_counter()
