@@ -118,15 +118,13 @@ def generate(work: Path, n_users: int, n_items: int, mean_history: float, hidden
 # --- child: batch scoring ---------------------------------------------------------------------------
 
 def score(work: Path, top_k: int, device: str, threads: int | None, sets: list[str]) -> dict:
-    import torch
 
     from recsys.config import load_config
     from recsys.score import score_users
 
-    if threads:
-        torch.set_num_threads(threads)
     config = load_config(REPO / "conf", [f"paths.data_root={work / 'data'}", f"score.top_k={top_k}",
-                                         f"score.device={device}", *sets])
+                                         f"score.device={device}", *sets,
+                                         *([f"score.threads={threads}"] if threads else [])])
     t0 = time.perf_counter()
     manifest = score_users(config, model_uri=str(work / "model.pt"), run_date=RUN_DATE)
     manifest["wall_s"] = time.perf_counter() - t0
