@@ -196,7 +196,13 @@ def run_accuracy(
     log,
     extra: list[str] = (),
 ) -> dict:
-    """Train per seed; test metrics masked (exclude_seen) and unmasked, mean over seeds; baselines once."""
+    """Per seed and per view (seen items masked / not masked): train, select on validation, test.
+
+    Each view is its own protocol, so each gets a model trained and selected for it: the masked view
+    uses ``overrides`` as they are (history items are not negatives, validation masks them), the
+    unmasked view the same settings with ``mask_seen_negatives`` off and unmasked validation, since
+    there the model itself must learn to rank already-seen items down. Baselines once per view.
+    """
     from recsys.evaluate import evaluate_all
     from recsys.model.checkpoint import build_model, load_checkpoint
     from recsys.model.recommender import GRU4RecRecommender
@@ -204,46 +210,48 @@ def run_accuracy(
 
     per_seed = []
     for seed in seeds:
-        cfg = bench_config(
-            root,
-            protocol,
-            overrides,
-            [
-                f"train.seed={seed}",
-                f"train.device={device}",
-                f"train.run_name=bench-{protocol}-{seed}",
-                *extra,
-            ],
-        )
-        t0 = time.perf_counter()
-        res = train_model(cfg, split_dir, evaluate_test=False)
-        seconds = time.perf_counter() - t0
-        model = build_model(load_checkpoint(res.best_checkpoint), device)
-        row = {
-            "seed": seed,
-            "best_epoch": res.best_epoch,
-            "train_seconds": seconds,
-            "events_per_second": float(np.mean([h["events_per_second"] for h in res.history])),
-            "valid_mrr@20": res.history[res.best_epoch - 1]["valid"]["mrr@20"],
-        }
-        for masked in (True, False):
-            cfg_m = cfg.model_copy(deep=True)
-            cfg_m.evaluate.exclude_seen = masked
+        row: dict = {"seed": seed}
+        for view, masked in (("masked", True), ("unmasked", False)):
+            view_extra = [] if masked else ["train.mask_seen_negatives=false"]
+            cfg = bench_config(
+                root,
+                protocol,
+                overrides,
+                [
+                    f"train.seed={seed}",
+                    f"train.device={device}",
+                    f"train.run_name=bench-{protocol}-{view}-{seed}",
+                    f"evaluate.exclude_seen={str(masked).lower()}",
+                    *view_extra,
+                    *extra,
+                ],
+            )
+            t0 = time.perf_counter()
+            res = train_model(cfg, split_dir, evaluate_test=False)
+            seconds = time.perf_counter() - t0
+            model = build_model(load_checkpoint(res.best_checkpoint), device)
             rows = evaluate_all(
-                cfg_m,
+                cfg,
                 split_dir,
                 {"gru4rec": GRU4RecRecommender(model, device)},
                 split="test",
                 baselines=(seed == seeds[0]),
                 device=device,
             )
-            row["masked" if masked else "unmasked"] = {name: m for name, m in rows.items()}
+            row[view] = dict(rows)
+            row[f"{view}_train"] = {
+                "best_epoch": res.best_epoch,
+                "train_seconds": seconds,
+                "events_per_second": float(np.mean([h["events_per_second"] for h in res.history])),
+                "valid_mrr@20": res.history[res.best_epoch - 1]["valid"]["mrr@20"],
+                "load": load_avg(),
+            }
+            log(
+                f"  seed {seed} {view}: best epoch {res.best_epoch}, R@20 "
+                f"{rows['gru4rec']['recall@20']:.4f} MRR@20 {rows['gru4rec']['mrr@20']:.4f} "
+                f"({seconds:.0f} s, load {load_avg()})"
+            )
         per_seed.append(row)
-        log(
-            f"  seed {seed}: best epoch {res.best_epoch}, masked R@20 "
-            f"{row['masked']['gru4rec']['recall@20']:.4f} MRR@20 {row['masked']['gru4rec']['mrr@20']:.4f} "
-            f"({seconds:.0f} s, load {load_avg()})"
-        )
     return summarize(per_seed)
 
 
