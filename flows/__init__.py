@@ -16,6 +16,8 @@ def _append_env_list(name: str, value: str) -> None:
 
 
 _append_env_list("PREFECT_LOGGING_EXTRA_LOGGERS", "recsys")
+# The library also logs outside flow runs (CLI commands, task.fn() calls): that is normal, not a warning.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DO_NOT_TRACK", "true")
