@@ -187,7 +187,8 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA only
     compile: bool = False  # torch.compile the step's forward/backward (CUDA: measure before enabling)
-    threads: int | None = Field(None, ge=1)  # torch CPU threads for the training step; None = 1 (fastest measured)
+    # torch CPU threads for the training step; None = 1 (fastest measured on a shared 2-core box)
+    threads: int | None = Field(None, ge=1)
     run_name: str = "gru4rec"  # checkpoints go to paths.checkpoints_dir / run_name
 
 

@@ -6,7 +6,8 @@ from recsys.data.vocab import Vocab
 
 
 def _write_split(path, rows):
-    pl.DataFrame(rows, schema={"user_id": pl.String, "items": pl.List(pl.Int64), "n_context": pl.Int32}).write_parquet(path)
+    schema = {"user_id": pl.String, "items": pl.List(pl.Int64), "n_context": pl.Int32}
+    pl.DataFrame(rows, schema=schema).write_parquet(path)
 
 
 def test_vocab_orders_by_count_and_maps_unknown_to_minus_one(tmp_path):
