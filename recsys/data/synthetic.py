@@ -64,7 +64,7 @@ BREAK_SECONDS = 120  # minimum pause between two sittings of one viewer
 _ADJ = ("Silent", "Broken", "Golden", "Hidden", "Last", "Crimson", "Northern", "Lost", "Wild", "Quiet",
         "Electric", "Hollow", "Burning", "Frozen", "Secret", "Velvet", "Iron", "Distant", "Bright",
         "Midnight", "Paper", "Glass", "Savage", "Gentle", "Restless", "Sunken", "Scarlet", "Endless")
-_NOUN = ("Harbor", "Kingdom", "Signal", "Garden", "River", "Empire", "Witness", "Orchard", "Frontier",
+_NOUN = ("Harbor", "Kingdom", "Signal", "Garden", "River", "Empire", "Watcher", "Orchard", "Frontier",
          "Station", "Lantern", "Circuit", "Valley", "Tide", "Archive", "Crown", "Summit", "Mirror",
          "Engine", "Compass", "Forest", "Island", "Winter", "Chorus", "Horizon", "Cartel", "Academy")
 _PLACE = ("Lisbon", "Oslo", "Marrakesh", "Kyoto", "Tallinn", "Valparaiso", "Glasgow", "Naples",
