@@ -285,10 +285,11 @@ def run_speed(split_dir: Path, root: Path, device: str, threads: int | None, log
     import torch
 
     from recsys.data.sequences import load_sequences
+    from recsys.device import resolve_device
     from recsys.model.batching import plan_epoch
     from recsys.model.gru4rec import GRU4Rec
     from recsys.model.step import SessionParallelTrainer
-    from recsys.train import _cpu_threads, resolve_device
+    from recsys.train import _cpu_threads
 
     cfg = bench_config(root, "leave_one_out", SPEED_OVERRIDES, [f"train.device={device}"])
     dev = resolve_device(cfg.train.device)

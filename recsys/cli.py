@@ -249,9 +249,9 @@ def evaluate(
     """Rank the full catalogue for every target of a split: GRU4Rec vs item-kNN and most-popular."""
     import json
 
+    from recsys.device import resolve_device
     from recsys.eval_table import metrics_table
     from recsys.evaluate import evaluate_all, resolve_exclude_seen
-    from recsys.train import resolve_device
 
     config = load_cli_config(conf, set_)
     if split not in ("valid", "test"):

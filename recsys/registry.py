@@ -241,10 +241,10 @@ def _evaluate_version(
     config: Config, version: Any, label: str, with_popular: bool
 ) -> dict[str, dict[str, float]]:
     """Test-split metrics of one registered version (and most-popular under the same vocabulary)."""
+    from recsys.device import resolve_device
     from recsys.evaluate import evaluate_all
     from recsys.model.checkpoint import build_model, load_checkpoint
     from recsys.model.recommender import GRU4RecRecommender
-    from recsys.train import resolve_device
 
     resolved = resolve_model(config, f"models:/{version.name}/{version.version}")
     device = resolve_device(config.train.device)

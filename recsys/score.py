@@ -41,6 +41,7 @@ import torch
 
 from recsys.config import Config
 from recsys.data.vocab import Vocab
+from recsys.device import resolve_device
 from recsys.export import RecsChecks, publish_recs, snapshot_hash
 from recsys.history import Histories, event_files, load_histories
 from recsys.schemas import (
@@ -76,14 +77,6 @@ class LoadedModel:
 
 def default_model_uri(config: Config) -> str:
     return f"models:/{config.tracking.registered_model}@champion"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("score.device=cuda but CUDA is not available")
-    return torch.device(name)
 
 
 def load_model(config: Config, model_uri: str, device: torch.device) -> LoadedModel:
@@ -317,7 +310,7 @@ def _score_users(
     model_uri = model_uri or default_model_uri(config)
     events_dir = Path(events_dir or config.paths.events_dir)
     out_dir = Path(out_dir or config.paths.exports_dir)
-    device = pick_device(sc.device)
+    device = resolve_device(sc.device, "score.device")
     timer = PhaseTimer(device)
     t_start = time.perf_counter()
 

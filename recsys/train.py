@@ -24,6 +24,7 @@ import torch
 from recsys.config import Config
 from recsys.data.sequences import SequenceSet, load_sequences
 from recsys.data.vocab import Vocab
+from recsys.device import resolve_device
 from recsys.evaluate import evaluate_all, evaluate_recommender, resolve_exclude_seen
 from recsys.model.batching import plan_epoch
 from recsys.model.checkpoint import build_model, load_checkpoint, save_checkpoint
@@ -39,7 +40,7 @@ BEST = "best.pt"
 SELECT_METRIC = "mrr@20"
 MODEL_NAME = "gru4rec"
 
-__all__ = ["NonFiniteLossError", "TrainResult", "resolve_device", "train_model"]
+__all__ = ["NonFiniteLossError", "TrainResult", "train_model"]
 
 
 @dataclass
@@ -53,15 +54,6 @@ class TrainResult:
     best_epoch: int = 0
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for ``cuda`` without it is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
-    return torch.device(name)
 
 
 @contextmanager
@@ -163,7 +155,7 @@ def train_model(
     checkpoint_dir = (
         Path(checkpoint_dir) if checkpoint_dir is not None else (config.paths.checkpoints_dir / cfg.run_name)
     )
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     for name in (TRAIN_FILE, VALID_FILE, VOCAB_FILE):
         if not (split_dir / name).exists():
             raise FileNotFoundError(f"{split_dir / name} is missing: run the split stage first")
