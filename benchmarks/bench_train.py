@@ -8,8 +8,8 @@ from ``../shared/data`` (or ``--data``), never copied into the repository. Split
 project's own pipeline (ingest -> sessions -> split) when it is importable; otherwise by a direct polars
 reader that applies the same protocol (whole-user sequences, sorted by time then item id).
 
-ML100K_OVERRIDES are the tuned settings for ml-100k leave-one-out (chosen on the *validation* split,
-see benchmarks/tune_ml100k.py); the test numbers below use them unchanged.
+Accuracy runs use the ``movielens`` profile (conf/profiles/movielens.yaml: settings tuned on the ml-100k
+leave-one-out *validation* split, see benchmarks/tune_ml100k.py); the test numbers use them unchanged.
 """
 
 from __future__ import annotations
@@ -33,49 +33,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from recsys.config import Config, load_config  # noqa: E402
 from recsys.data.vocab import Vocab  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.json"
 
-# Tuned on ml-100k leave-one-out validation (benchmarks/tune_ml100k.py); also documented in the README.
-ML100K_OVERRIDES: dict[str, dict] = {
-    "model": {"hidden_size": 100, "embedding": "shared", "dropout_embed": 0.25, "dropout_hidden": 0.0},
-    "train": {
-        "loss": "cross_entropy",
-        "batch_size": 64,
-        "n_sample": 512,  # 2048 was no better on validation and 3x slower
-        "sample_alpha": 0.5,
-        "learning_rate": 0.05,
-        "momentum": 0.0,
-        "mask_seen_negatives": True,  # +0.01-0.015 validation MRR@20 under exclude_seen evaluation
-        "epochs": 12,
-        "patience": 4,
-    },
-}
-# Validation MRR@20 (masked) of the trials behind these settings (benchmarks/tune_ml100k.py, reference-
-# protocol split, mask_seen_negatives + n_sample 512 unless noted; seeds 42 / 7 -> mean):
-#   base (dropout 0)                                  0.0912 / 0.0987 -> 0.095
-#   n_sample 2048                                     0.0953 / 0.0953 -> 0.095  (3x slower)
-#   dropout_embed 0.25                <- shipped      0.0924 / 0.1064 -> 0.099
-#   dropout_embed 0.4                                 0.0916 / 0.1013 -> 0.097
-#   dropout_embed 0.25, dropout_hidden 0.1            0.0947 / 0.0970 -> 0.096
-#   batch_size 32                                     0.0935 / 0.0943 -> 0.094
-#   momentum 0.3                                      0.0887 / 0.0890 -> 0.089
-#   hidden 200, dropout 0.2 / 0.2                     0.0877 / 0.0877 -> 0.088
-#   sample_alpha 0.75                                 0.0834 / 0.0857 -> 0.085
-#   learning_rate 0.1                                 0.0823 / 0.0797 -> 0.081
-# Earlier, on the pipeline split (ties by item id), seed 42: mask_seen_negatives off 0.083 vs on 0.099;
-# before the full-batch loss scaling 0.080.
+# The tuned settings ship as conf/profiles/movielens.yaml (chosen on the ml-100k leave-one-out
+# *validation* split with benchmarks/tune_ml100k.py); the test numbers below use them unchanged.
+PROFILE = "movielens"
 # The speed setting the issue fixes (hidden 100, batch 64, n_sample 512, cross-entropy, shared embedding).
-SPEED_OVERRIDES: dict[str, dict] = {
-    "model": {
-        "hidden_size": 100,
-        "embedding": "shared",
-        "n_layers": 1,
-        "dropout_embed": 0.0,
-        "dropout_hidden": 0.0,
-    },
-    "train": {"loss": "cross_entropy", "batch_size": 64, "n_sample": 512, "epochs": 1},
-}
+SPEED_OVERRIDES = [
+    "model.hidden_size=100",
+    "model.embedding=shared",
+    "model.n_layers=1",
+    "model.dropout_embed=0.0",
+    "model.dropout_hidden=0.0",
+    "train.loss=cross_entropy",
+    "train.batch_size=64",
+    "train.n_sample=512",
+    "train.epochs=1",
+]
 REFERENCE = {  # original authors' PyTorch GRU4Rec under this protocol (issue 3), mean of 3 seeds
     "gru4rec (reference)": {
         "masked": {"recall@20": 0.300, "mrr@20": 0.080},
@@ -176,17 +152,10 @@ def prepare_split(
     return config.paths.split_dir, "recsys pipeline (ingest -> sessions -> split)"
 
 
-def bench_config(
-    root: Path, protocol: str, overrides: dict[str, dict] | None = None, extra: list[str] = ()
-) -> Config:
-    values = {
-        "paths": {"data_root": str(root)},
-        "sessions": {"mode": "user", "min_item_support": 1, "max_length": None, "min_length": 3},
-        "split": {"protocol": protocol},
-    }
-    for section, kv in (overrides or {}).items():
-        values.setdefault(section, {}).update(kv)
-    return load_config(Path(__file__).resolve().parent.parent / "conf", list(extra), values)
+def bench_config(root: Path, protocol: str, extra: list[str] = (), profile: str | None = PROFILE) -> Config:
+    """conf/ + the profile (whole-user sequences and the tuned settings) + ``extra`` overrides."""
+    values = {"paths": {"data_root": str(root)}, "split": {"protocol": protocol}}
+    return load_config(Path(__file__).resolve().parent.parent / "conf", list(extra), values, profile=profile)
 
 
 # --- parts -----------------------------------------------------------------------------------------
@@ -196,7 +165,6 @@ def run_accuracy(
     split_dir: Path,
     root: Path,
     protocol: str,
-    overrides: dict,
     seeds: list[int],
     device: str,
     log,
@@ -205,7 +173,7 @@ def run_accuracy(
     """Per seed and per view (seen items masked / not masked): train, select on validation, test.
 
     Each view is its own protocol, so each gets a model trained and selected for it: the masked view
-    uses ``overrides`` as they are (history items are not negatives, validation masks them), the
+    uses the profile as it is (history items are not negatives, validation masks them), the
     unmasked view the same settings with ``mask_seen_negatives`` off and unmasked validation, since
     there the model itself must learn to rank already-seen items down. Baselines once per view.
     """
@@ -222,7 +190,6 @@ def run_accuracy(
             cfg = bench_config(
                 root,
                 protocol,
-                overrides,
                 [
                     f"train.seed={seed}",
                     f"train.device={device}",
@@ -291,7 +258,7 @@ def run_speed(split_dir: Path, root: Path, device: str, threads: int | None, log
     from recsys.model.step import SessionParallelTrainer
     from recsys.train import _cpu_threads
 
-    cfg = bench_config(root, "leave_one_out", SPEED_OVERRIDES, [f"train.device={device}"])
+    cfg = bench_config(root, "leave_one_out", [*SPEED_OVERRIDES, f"train.device={device}"], profile=None)
     dev = resolve_device(cfg.train.device)
     vocab = Vocab.load(split_dir / "vocab.parquet")
     train = load_sequences(split_dir / "train.parquet", vocab)
@@ -446,7 +413,8 @@ def main() -> None:
     result: dict = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_start": load_avg(),
-        "overrides_ml100k": ML100K_OVERRIDES,
+        "profile": PROFILE,
+        "profile_settings": (REPO / "conf" / "profiles" / f"{PROFILE}.yaml").read_text(),
         "extra_overrides": args.sets,
         "git": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -463,7 +431,7 @@ def main() -> None:
             if "accuracy" in parts:
                 log(f"accuracy ml-100k leave-one-out (load {load_avg()})")
                 result["accuracy"] = run_accuracy(
-                    split_dir, root, "leave_one_out", ML100K_OVERRIDES, seeds, args.device, log, args.sets
+                    split_dir, root, "leave_one_out", seeds, args.device, log, args.sets
                 )
         if "temporal" in parts:
             root = Path(tmp) / "mlsmall"
@@ -471,7 +439,7 @@ def main() -> None:
             result["split_mlsmall"] = how
             log(f"temporal ml-latest-small (load {load_avg()})")
             result["temporal"] = run_accuracy(
-                split_dir, root, "temporal", ML100K_OVERRIDES, seeds, args.device, log, args.sets
+                split_dir, root, "temporal", seeds, args.device, log, args.sets
             )
     result["load_end"] = load_avg()
     args.out.parent.mkdir(parents=True, exist_ok=True)

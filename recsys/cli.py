@@ -7,13 +7,14 @@ Heavy libraries (torch, mlflow, prefect) are imported inside the commands that n
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from recsys.config import Config, ConfigError, load_config
+from recsys.config import PROFILE_ENV, Config, ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console()
@@ -25,6 +26,17 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key, e.g. --set sessions.gap_minutes=45 (repeatable)."),
 ]
+
+
+@app.callback()
+def main(
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="Tuned settings for a kind of data: conf/profiles/NAME.yaml (e.g. movielens).",
+    )] = None,
+) -> None:
+    """Options shared by every command."""
+    if profile:  # the environment carries it to flows and worker processes too
+        os.environ[PROFILE_ENV] = profile
 
 
 def load_cli_config(conf: Path | None, overrides: list[str] | None) -> Config:

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CONF_DIR_ENV = "RECSYS_CONF_DIR"
 DATA_ROOT_ENV = "RECSYS_DATA_ROOT"
+PROFILE_ENV = "RECSYS_PROFILE"
+PROFILES_DIR = "profiles"
 
 
 class ConfigError(ValueError):
@@ -176,7 +178,8 @@ class TrainConfig(Section):
     bpreg: float = Field(1.0, ge=0)
     elu_param: float = Field(0.5, ge=0)  # BPR-max: ELU on hidden output (0 = tanh), as in the 2018 paper
     logq: float = Field(0.0, ge=0)
-    mask_seen_negatives: bool = False  # never use an item of the row's own history as a negative
+    # never use an item of the row's own history as a negative; None: as evaluate's exclude_seen rule
+    mask_seen_negatives: bool | None = None
     optimizer: Literal["adagrad_momentum", "adam"] = "adagrad_momentum"
     learning_rate: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -321,15 +324,50 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _read_mapping(file: Path, what: str) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(content, dict):
+        raise ConfigError(f"{file}: must hold a mapping of keys for {what}")
+    return content
+
+
+def available_profiles(conf_dir: Path | None = None) -> list[str]:
+    """Names of the profiles in ``<conf_dir>/profiles/*.yaml``."""
+    conf_dir = Path(conf_dir) if conf_dir is not None else default_conf_dir()
+    return sorted(f.stem for f in (conf_dir / PROFILES_DIR).glob("*.yaml"))
+
+
+def _apply_profile(tree: dict[str, Any], conf_dir: Path, name: str) -> None:
+    """Overlay ``<conf_dir>/profiles/<name>.yaml`` (``section: {key: value}``) on the section files."""
+    file = conf_dir / PROFILES_DIR / f"{name}.yaml"
+    if not file.is_file():
+        known = ", ".join(available_profiles(conf_dir)) or "none"
+        raise ConfigError(f"profile {name!r}: no file {file} (known profiles: {known})")
+    for section, content in _read_mapping(file, "sections").items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{file}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+        if not isinstance(content, dict):
+            raise ConfigError(f"{file}: section {section!r} must be a mapping of keys")
+        for key, value in _flatten(content).items():
+            _set_path(tree, [section, *key.split(".")], value)
+
+
 def load_config(
     conf_dir: Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     values: dict[str, Any] | None = None,
+    profile: str | None = None,
 ) -> Config:
-    """Load ``conf/<section>.yaml`` files, apply nested ``values`` then ``overrides``, validate.
+    """Load ``conf/<section>.yaml`` files, then a profile, nested ``values`` and ``overrides``; validate.
 
-    A missing section file means that section's defaults. ``RECSYS_DATA_ROOT`` overrides
-    ``paths.data_root`` (useful for tests and containers) before explicit overrides apply.
+    A missing section file means that section's defaults. A profile (``profile`` or
+    ``$RECSYS_PROFILE``) is a file ``conf/profiles/<name>.yaml`` of tuned settings for one kind of data
+    (e.g. ``movielens``), applied over the section files so explicit overrides still win.
+    ``RECSYS_DATA_ROOT`` overrides ``paths.data_root`` (useful for tests and containers) before
+    explicit overrides apply.
     """
     conf_dir = Path(conf_dir) if conf_dir is not None else default_conf_dir()
     tree: dict[str, Any] = {}
@@ -338,15 +376,11 @@ def load_config(
             section = file.stem
             if section not in SECTIONS:
                 raise ConfigError(f"{file}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
-            try:
-                content = yaml.safe_load(file.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
-            if not isinstance(content, dict):
-                raise ConfigError(f"{file}: must hold a mapping of keys for section {section!r}")
-            tree[section] = content
+            tree[section] = _read_mapping(file, f"section {section!r}")
     elif conf_dir is not None and str(conf_dir) and not conf_dir.exists():
         raise ConfigError(f"config directory {conf_dir} does not exist")
+    if profile := profile or os.environ.get(PROFILE_ENV):
+        _apply_profile(tree, conf_dir, profile)
     if env_root := os.environ.get(DATA_ROOT_ENV):
         _set_path(tree, ["paths", "data_root"], env_root)
     for section, content in (values or {}).items():

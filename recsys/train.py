@@ -123,6 +123,17 @@ class _Progress:
             self.bar.stop()
 
 
+def resolve_mask_seen(config: Config) -> bool:
+    """``train.mask_seen_negatives`` when set; otherwise the evaluation's ``exclude_seen`` rule.
+
+    A model whose rankings are served and evaluated with the history masked out gains nothing from
+    learning to rank history items down, and the negatives it would spend on them are wasted.
+    """
+    if config.train.mask_seen_negatives is not None:
+        return config.train.mask_seen_negatives
+    return resolve_exclude_seen(config)
+
+
 def _validate(model: GRU4Rec, valid: SequenceSet, config: Config, device: torch.device) -> dict[str, float]:
     cutoffs = sorted(set(config.evaluate.cutoffs) | {20})
     rec = GRU4RecRecommender(model, device, name=MODEL_NAME)
@@ -168,7 +179,7 @@ def train_model(
 
     torch.manual_seed(cfg.seed)
     model = GRU4Rec(n_items, config.model).to(device)
-    trainer = SessionParallelTrainer(model, cfg, vocab.counts, device)
+    trainer = SessionParallelTrainer(model, cfg, vocab.counts, device, mask_seen=resolve_mask_seen(config))
     history: list[dict[str, Any]] = []
     best_metric, best_epoch, bad_epochs, start_epoch, finished = -1.0, 0, 0, 1, False
 

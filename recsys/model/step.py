@@ -45,8 +45,18 @@ def build_optimizer(model: GRU4Rec, cfg: TrainConfig) -> SparseRowOptimizer:
 class SessionParallelTrainer:
     """Owns the carried hidden state, the sampler and the optimiser of one training run."""
 
-    def __init__(self, model: GRU4Rec, cfg: TrainConfig, counts: np.ndarray, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: GRU4Rec,
+        cfg: TrainConfig,
+        counts: np.ndarray,
+        device: torch.device,
+        mask_seen: bool | None = None,
+    ) -> None:
+        """``mask_seen``: take history items out of each row's negatives (default: the config's
+        ``mask_seen_negatives``, off when unset; ``train_model`` passes the resolved rule)."""
         self.model = model
+        self.mask_seen = bool(cfg.mask_seen_negatives) if mask_seen is None else mask_seen
         self.cfg = cfg
         self.device = device
         self.optimizer = build_optimizer(model, cfg)
@@ -137,7 +147,7 @@ class SessionParallelTrainer:
         check_every = check_every or (100 if self.device.type == "cuda" else 50)
         losses = torch.zeros(T, device=self.device)  # [T]
         state = self.model.init_state(B, self.device)  # [n_layers, B, S]
-        if self.cfg.mask_seen_negatives:
+        if self.mask_seen:
             self.seen = torch.zeros(B, self.model.n_items, dtype=torch.bool, device=self.device)  # [B, n]
             self._rows = torch.arange(B, device=self.device)  # [B]
         checked = 0

@@ -5,7 +5,7 @@ from model_data import cyclic_sequences, write_split_dir
 import recsys.model.step as step_module
 from recsys.config import load_config
 from recsys.model.checkpoint import load_checkpoint
-from recsys.train import NonFiniteLossError, _cpu_threads, train_model
+from recsys.train import NonFiniteLossError, _cpu_threads, resolve_mask_seen, train_model
 
 TINY = [
     "model.hidden_size=16",
@@ -92,3 +92,13 @@ def test_seen_negative_bitmap_follows_slot_resets(tmp_path, split_dir):
         last_reset = int(np.nonzero(plan.reset[:, k])[0].max())
         fed = set(plan.inputs[last_reset:, k][plan.active[last_reset:, k]].tolist())
         assert set(torch.nonzero(trainer.seen[k]).flatten().tolist()) - {0} == fed - {0}
+
+
+def test_mask_seen_negatives_follows_the_exclude_seen_rule_unless_set(tmp_path):
+    def mask(*sets):
+        return resolve_mask_seen(load_config(overrides=[f"paths.data_root={tmp_path}", *sets]))
+
+    assert mask("sessions.mode=user") is True  # whole-user sequences are evaluated with history masked
+    assert mask("sessions.mode=gap") is False  # re-watching within a session must stay learnable
+    assert mask("sessions.mode=gap", "evaluate.exclude_seen=true") is True
+    assert mask("sessions.mode=user", "train.mask_seen_negatives=false") is False
