@@ -1,7 +1,11 @@
-"""GRU4Rec benchmark: accuracy (MovieLens, leave-one-out and temporal) vs baselines, and CPU training speed.
+"""GRU4Rec benchmark: accuracy (MovieLens and synthetic data) vs baselines, and training speed.
 
-    .venv/bin/python benchmarks/bench_train.py [--part accuracy,speed,temporal] [--seeds 3]
-        [--device cpu|cuda]
+    .venv/bin/python benchmarks/bench_train.py [--part accuracy,speed,temporal,synthetic] [--seeds 3]
+        [--device cpu|cuda] [--synthetic-events 300000]
+
+Parts: ``accuracy`` ml-100k leave-one-out; ``temporal`` ml-latest-small, temporal split; ``synthetic``
+the generator's viewing logs through the whole pipeline with ``conf/`` as it ships (gap sessions,
+temporal split); ``speed`` training events/s at the issue's fixed setting.
 
 Prints a rich table and writes ``benchmarks/results/bench_train.json``. The MovieLens files are read
 from ``../shared/data`` (or ``--data``), never copied into the repository. Splits are built by the
@@ -152,6 +156,22 @@ def prepare_split(
     return config.paths.split_dir, "recsys pipeline (ingest -> sessions -> split)"
 
 
+def prepare_synthetic(root: Path, n_events: int) -> Path:
+    """The demo data at benchmark size through the whole pipeline: generate -> ingest -> gap sessions ->
+    temporal split, all with ``conf/`` as it ships (no profile)."""
+    from recsys.data.ingest import ingest_files
+    from recsys.data.sessions import build_sessions
+    from recsys.data.split import split_sessions
+    from recsys.data.synthetic import generate
+
+    config = bench_config(root, "temporal", [f"generate.n_events={n_events}"], profile=None)
+    written = generate(config)
+    ingest_files([Path(f) for f in written["files"]], config)
+    build_sessions(config)
+    split_sessions(config)
+    return config.paths.split_dir
+
+
 def bench_config(root: Path, protocol: str, extra: list[str] = (), profile: str | None = PROFILE) -> Config:
     """conf/ + the profile (whole-user sequences and the tuned settings) + ``extra`` overrides."""
     values = {"paths": {"data_root": str(root)}, "split": {"protocol": protocol}}
@@ -169,6 +189,7 @@ def run_accuracy(
     device: str,
     log,
     extra: list[str] = (),
+    profile: str | None = PROFILE,
 ) -> dict:
     """Per seed and per view (seen items masked / not masked): train, select on validation, test.
 
@@ -198,6 +219,7 @@ def run_accuracy(
                     *view_extra,
                     *extra,
                 ],
+                profile=profile,
             )
             t0 = time.perf_counter()
             res = train_model(cfg, split_dir, evaluate_test=False)
@@ -307,6 +329,7 @@ def print_tables(result: dict) -> None:
     for key, title in (
         ("accuracy", "ml-100k leave-one-out, test, full ranking, conservative ties"),
         ("temporal", "ml-latest-small temporal, test"),
+        ("synthetic", "synthetic viewing logs (conf/ defaults, gap sessions) temporal, test"),
     ):
         if key not in result:
             continue
@@ -367,13 +390,13 @@ def merge(files: list[Path], out: Path) -> None:
     for file in files:
         part = json.loads(file.read_text())
         for key, value in part.items():
-            if key in ("accuracy", "temporal") and key in result:
+            if key in ("accuracy", "temporal", "synthetic") and key in result:
                 result[key] = summarize(result[key]["per_seed"] + value["per_seed"]) | {
                     "load": f"{result[key]['load']} / {value['load']}"
                 }
             else:
                 result.setdefault(key, value)
-                if key in ("accuracy", "temporal", "speed"):
+                if key in ("accuracy", "temporal", "synthetic", "speed"):
                     result[key] = value
     out.write_text(json.dumps(result, indent=2, default=str))
     print_tables(result)
@@ -382,7 +405,8 @@ def merge(files: list[Path], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="accuracy,speed,temporal")
+    parser.add_argument("--part", default="accuracy,speed,temporal,synthetic")
+    parser.add_argument("--synthetic-events", type=int, default=300_000, help="size of the synthetic set")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--threads", type=int, default=None)
@@ -440,6 +464,14 @@ def main() -> None:
             log(f"temporal ml-latest-small (load {load_avg()})")
             result["temporal"] = run_accuracy(
                 split_dir, root, "temporal", seeds, args.device, log, args.sets
+            )
+        if "synthetic" in parts:
+            root = Path(tmp) / "synthetic"
+            split_dir = prepare_synthetic(root, args.synthetic_events)
+            result["split_synthetic"] = f"recsys generate ({args.synthetic_events:,} events) -> pipeline"
+            log(f"temporal synthetic (load {load_avg()})")
+            result["synthetic"] = run_accuracy(
+                split_dir, root, "temporal", seeds, args.device, log, args.sets, profile=None
             )
     result["load_end"] = load_avg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
