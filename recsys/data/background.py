@@ -21,10 +21,13 @@ class BackgroundWriter:
         self._pending: deque[Future[Any]] = deque()
         self._max_pending = max_pending
 
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """Queue ``fn(*args, **kwargs)``; its future holds the result once the writer is closed."""
         while len(self._pending) >= self._max_pending:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(fn, *args, **kwargs))
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._pending.append(future)
+        return future
 
     def close(self) -> None:
         """Wait for every write; re-raise the first failure."""

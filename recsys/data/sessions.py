@@ -277,7 +277,9 @@ def sessionise(
         frame = frame.filter(~repeat.fill_null(False))
     counts["events_repeats"] = n1 - frame.height
 
-    seqs = frame.group_by(_SEQ, maintain_order=True).agg(
+    # _SEQ is a running count, so each sequence is one contiguous slice; telling polars so makes the
+    # list aggregation take slices instead of gathering rows (measured ~5x faster).
+    seqs = frame.with_columns(pl.col(_SEQ).set_sorted()).group_by(_SEQ, maintain_order=True).agg(
         pl.col(USER_ID).first(), pl.col(_LOCAL).first(),
         pl.col(ITEM_ID).alias(ITEMS), pl.col(TS).alias(ITEM_TS),
     )

@@ -120,6 +120,20 @@ def test_duplicates_within_and_across_files_keep_first(tmp_path):
     assert ev.filter(user_id=1, item_id=2)["watch_seconds"].to_list() == [10.0]
 
 
+def test_first_copy_in_input_order_wins_among_many_files(tmp_path):
+    # staged files are named f0..f11: "f10" sorts before "f2" as text, input order must still win
+    srcs = [write(tmp_path / f"p{j:02d}.csv", HEADER + f"{j + 10},1,{T0},1\n") for j in range(12)]
+    srcs[2] = write(srcs[2], HEADER + f"1,2,{T0},2\n\n1,3,{T0},2\n")
+    srcs[10] = write(srcs[10], HEADER + f"1,2,{T0},10\n1,3,{T0},10")
+    root = tmp_path / "data"
+    report = run(srcs, root)
+    assert_conserved(report)
+    assert [f.duplicates for f in report.files] == [0] * 10 + [2, 0]
+    assert (report.files[2].rows, report.files[2].blank_lines) == (2, 1)
+    assert report.files[10].rows == 2
+    assert events(root).filter(user_id=1)["watch_seconds"].to_list() == [2.0, 2.0]
+
+
 # --- conservation property -------------------------------------------------------------------------
 
 BAD_LINES = ["", "x", "1,2", f"1,2,{T0},3,4", f",2,{T0},", f"1,,{T0},", "1,2,,", "1,2,nope,",
