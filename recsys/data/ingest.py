@@ -1,12 +1,14 @@
 """Ingest: raw viewing logs -> validated, de-duplicated events, hive-partitioned by event date.
 
-Steps (each reads only the previous one's output, so memory stays bounded by one date bucket):
+Steps (each reads only the previous one's output, so memory stays bounded by one date bucket, or by
+the whole input when that is small):
 
 1. open every input (``readers``): file-level problems (missing file or column, unreadable, empty)
    raise :class:`IngestError` before anything is written;
-2. parse and validate each file in the streaming engine (``validate``) and stage the rows on disk
-   (lz4 Parquet), split into ``ingest.staging_buckets`` buckets by event date (bad rows in their own
-   bucket); each file's row counts come from the staged files' footers;
+2. parse and validate each file in the streaming engine (``validate``) and stage the rows, split into
+   ``ingest.staging_buckets`` buckets by event date (bad rows in their own bucket): in memory when
+   the inputs are estimated at no more than ``staging.IN_MEMORY_ROWS`` rows, else on disk as lz4
+   Parquet (``staging``);
 3. write each input's rejected rows to ``quarantine/`` and stop with an error if the bad fraction is
    above ``ingest.max_bad_fraction`` (events are then left untouched);
 4. per event date: sort by (user_id, ts, item_id), drop duplicates (same user, item, ts: the first in
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from recsys.config import Config
 from recsys.data import partitions
@@ -43,9 +43,9 @@ from recsys.data.background import BackgroundWriter
 from recsys.data.errors import IngestError
 from recsys.data.quarantine import write_quarantine
 from recsys.data.readers import RawInput, scan_input
+from recsys.data.staging import IN_MEMORY_ROWS, Stage
 from recsys.data.validate import (
     BUCKET_BAD,
-    BUCKET_BLANK,
     SAMPLE_ROWS,
     ParsePlan,
     choose_id_type,
@@ -65,9 +65,6 @@ REPORT_FILE = "ingest_report.json"
 EVENT_COLUMNS = (USER_ID, ITEM_ID, TS, WATCH_SECONDS, EVENT_TYPE)
 _KEY = [USER_ID, TS, ITEM_ID]  # partition order; equal keys are duplicates
 _ORDER = [*_KEY, "_file", "_row"]
-# Staged rows are read back once, right away: lz4 is about as cheap to write as no compression (zstd
-# cost ~1 s more per 10M rows) and keeps the temporary files ~3x smaller.
-STAGE_COMPRESSION = "lz4"
 
 
 @dataclass
@@ -156,23 +153,19 @@ def _plans(raws: list[RawInput], config: Config, now: datetime | None) -> list[P
     return plans
 
 
-def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: Path) -> None:
-    """Parse + validate every file in the streaming engine; write rows bucketed by date to ``stage``.
+def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: Stage) -> None:
+    """Parse + validate every file in the streaming engine and stage its rows bucketed by date.
 
     A reader with a fallback (fast NDJSON) that fails is replaced in ``raws`` by the robust one.
     """
     for i, plan in enumerate(plans):
         t0 = time.perf_counter()
-        out = stage / f"f{i}"
         while True:
             raw = raws[i]
-            lf = normalise(raw, plan, i, config.ingest.staging_buckets)
             try:
-                lf.sink_parquet(pl.PartitionBy(out, key="_bucket", include_key=True), mkdir=True,
-                                compression=STAGE_COMPRESSION, statistics=True)
+                stage.put(i, normalise(raw, plan, i, config.ingest.staging_buckets))
                 break
             except Exception as exc:
-                shutil.rmtree(out, ignore_errors=True)
                 if raw.fallback is None:
                     raise IngestError(f"{raw.path}: failed while reading: {exc}") from exc
                 logger.info("%s: fast reader failed (%s); reading line by line", raw.path,
@@ -181,54 +174,12 @@ def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: 
         logger.info("staged %s in %.1f s", raw.path, time.perf_counter() - t0)
 
 
-def _staged_files(stage: Path, bucket: int | str = "*", file_index: int | str = "*") -> list[Path]:
-    """Staged files in input order: by input file index (numerically: f2 before f10), then name."""
-    files = stage.glob(f"f{file_index}/_bucket={bucket}/*.parquet")
-    return sorted(files, key=lambda f: (int(f.parent.parent.name[1:]), f.name))
-
-
-def _scan_bucket(stage: Path, bucket: int, file_index: int | None = None) -> pl.LazyFrame | None:
-    files = _staged_files(stage, bucket, "*" if file_index is None else file_index)
-    if not files:
-        return None
-    return pl.scan_parquet(files, hive_partitioning=False)
-
-
-def _file_stats(stage: Path) -> dict[int, tuple[int, int, int | None]]:
-    """Per file index: (data rows (blank lines excluded), blank lines, last data row number or None).
-
-    Read from the staged files' Parquet footers (row counts, ``_row`` maxima), not from their data.
-    """
-    stats: dict[int, tuple[int, int, int | None]] = {}
-    for f in _staged_files(stage):
-        i, bucket = int(f.parent.parent.name[1:]), int(f.parent.name.split("=", 1)[1])
-        meta = pq.read_metadata(f)
-        rows, blanks, last = stats.get(i, (0, 0, None))
-        if bucket == BUCKET_BLANK:
-            stats[i] = (rows, blanks + meta.num_rows, last)
-            continue
-        col = meta.schema.names.index("_row")
-        groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
-        tops = [g.column(col).statistics for g in groups if g.num_rows]
-        if tops:
-            top = (max(int(st.max) for st in tops)
-                   if all(st is not None and st.has_min_max for st in tops) else _max_row(f))
-            last = top if last is None else max(last, top)
-        stats[i] = (rows + meta.num_rows, blanks, last)
-    return stats
-
-
-def _max_row(path: Path) -> int:
-    """``_row`` maximum of a staged file with no statistics in its footer (reads the column)."""
-    return int(pl.scan_parquet(path).select(pl.col("_row").max()).collect().item())
-
-
 def _write_quarantines(
-    stage: Path, raws: list[RawInput], reports: list[FileReport], last_rows: dict[int, int],
+    stage: Stage, raws: list[RawInput], reports: list[FileReport], last_rows: dict[int, int],
     config: Config, work: Path,
 ) -> None:
     for i, (raw, rep) in enumerate(zip(raws, reports, strict=True)):
-        lf = _scan_bucket(stage, BUCKET_BAD, i)
+        lf = stage.bucket(BUCKET_BAD, i)
         rows = pl.DataFrame(schema={"source": pl.String, "row": pl.Int64, "reason": pl.String,
                                     "raw": pl.String})
         if lf is not None:
@@ -284,7 +235,7 @@ def _with_stored(frame: pl.DataFrame, events_dir: Path) -> pl.DataFrame:
 
 
 def _write_events(
-    stage: Path, reports: list[FileReport], config: Config, work: Path
+    stage: Stage, reports: list[FileReport], config: Config, work: Path
 ) -> tuple[list[str], int]:
     """Write every touched date partition; (partition names, how many of them already existed).
 
@@ -297,13 +248,17 @@ def _write_events(
     existed = []
     with BackgroundWriter() as writer:
         for bucket in range(config.ingest.staging_buckets):
-            lf = _scan_bucket(stage, bucket)
+            lf = stage.bucket(bucket)
             if lf is None:
                 continue
             frame = lf.select(*EVENT_COLUMNS, "_file", "_row", pl.col(TS).dt.date().alias("_day")).collect()
+            stage.drop(bucket)
             if merge:
                 frame = _with_stored(frame, events_dir)
-            days = frame.partition_by("_day", as_dict=True, maintain_order=True)
+            if frame["_day"].n_unique() == 1:  # the usual case: a bucket holds one date
+                days = {(frame["_day"][0],): frame}
+            else:
+                days = frame.partition_by("_day", as_dict=True, maintain_order=True)
             del frame
             for (day,), part in sorted(days.items()):
                 kept, dups = _dedup(part)
@@ -345,10 +300,13 @@ def _report(reports: list[FileReport], parts: list[str], plans: list[ParsePlan],
     )
 
 
-def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = None) -> IngestReport:
+def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = None,
+                 in_memory_rows: int = IN_MEMORY_ROWS) -> IngestReport:
     """Ingest ``inputs`` into ``config.paths.events_dir``; bad rows go to ``quarantine_dir``.
 
-    ``now`` fixes the upper time bound (``max_future_days``) for reproducible tests.
+    ``now`` fixes the upper time bound (``max_future_days``) for reproducible tests. Inputs estimated
+    at no more than ``in_memory_rows`` rows in all are staged in memory, larger ones on disk (see
+    :mod:`recsys.data.staging`; the output is the same).
     Raises :class:`IngestError` for file-level problems and when the bad fraction is too high (after
     writing the quarantine, without touching events; ``err.report`` then holds the counts).
     """
@@ -361,9 +319,11 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
         plans = _plans(raws, config, now)
         reports = [FileReport(str(r.path), r.spec.kind, r.spec.preset, p.ts_mode)
                    for r, p in zip(raws, plans, strict=True)]
-        stage = work / "stage"
+        estimates = [r.rows_estimate for r in raws]
+        in_memory = None not in estimates and sum(estimates) <= in_memory_rows  # type: ignore[arg-type]
+        stage = Stage(work / "stage", in_memory)
         _stage(raws, plans, config, stage)
-        stats = _file_stats(stage)
+        stats = stage.file_stats()
         for i, rep in enumerate(reports):
             rep.rows, rep.blank_lines, _ = stats.get(i, (0, 0, None))
             if rep.rows == 0:

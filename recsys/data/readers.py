@@ -110,6 +110,9 @@ class RawInput:
     # A fast reader that may fail mid-file (NDJSON via polars' JSON reader): the robust reader to
     # stage the file with instead.
     fallback: Callable[[], RawInput] | None = None
+    # About how many rows the input holds (exact for Parquet, from the sampled line lengths for plain
+    # text); None when unknown (compressed text). Small inputs are staged in memory.
+    rows_estimate: int | None = None
 
 
 def _ends_with_newline(path: Path) -> bool | None:
@@ -259,6 +262,14 @@ def _csv_line_pattern(sep: str, n: int) -> str:
     return "^" + e.join([one] * n) + "$"
 
 
+def _rows_estimate(src: Path, sample: list[str]) -> int | None:
+    """Lines in a plain text file: its size over the mean size of the sampled lines."""
+    if not sample or src.name.lower().endswith(COMPRESSED_SUFFIXES):
+        return None
+    mean = sum(len(line.encode()) + 1 for line in sample) / len(sample)
+    return round(src.stat().st_size / mean)
+
+
 def _header_names(line: str, separator: str) -> list[str]:
     line = line.lstrip("\ufeff")
     return [n.strip().strip('"').strip() for n in line.split(separator)]
@@ -327,7 +338,8 @@ def _scan_text(path: Path, spec: ReadSpec, src: Path, lossy: bool) -> RawInput:
     )
     if csv_quoting:
         frame = frame.with_columns([_unquote(f) for f in cols])
-    return RawInput(path, spec, frame, list(cols), _ends_with_newline(path))
+    return RawInput(path, spec, frame, list(cols), _ends_with_newline(path),
+                    rows_estimate=_rows_estimate(src, sample))
 
 
 def _json_path(name: str) -> str:
@@ -349,6 +361,7 @@ def _scan_ndjson(path: Path, spec: ReadSpec, src: Path, lossy: bool) -> RawInput
     line = pl.col("line")
     blanks = _read_lines(path, pl.scan_lines(src).select(line.str.contains(r"^\s*$").sum())).item()
     robust = _ndjson_lines(path, spec, src, lossy, cols)
+    robust.rows_estimate = _rows_estimate(src, sample)
     if blanks or lossy or any(not _is_json_object(s) for s in sample):
         return robust
     # Fast path: polars' JSON reader (~5x faster) gives every field as text; it has no row-level error
@@ -364,7 +377,7 @@ def _scan_ndjson(path: Path, spec: ReadSpec, src: Path, lossy: bool) -> RawInput
     lookup = pl.scan_lines(src, row_index_name="_row", row_index_offset=1).select(
         pl.col("_row").cast(pl.Int64), line.alias("_raw"))
     return RawInput(path, spec, frame, list(cols), _ends_with_newline(path), raw_lookup=lookup,
-                    fallback=lambda: robust)
+                    fallback=lambda: robust, rows_estimate=robust.rows_estimate)
 
 
 def _is_json_object(text: str) -> bool:
@@ -404,6 +417,7 @@ def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:
         lf = pl.scan_parquet(path)
     try:
         names = list(lf.collect_schema().names())
+        rows = int(lf.select(pl.len()).collect().item())  # from the footers
     except Exception as exc:
         raise IngestError(f"{path}: cannot read as Parquet: {exc}") from exc
     _missing(path, spec, names)
@@ -417,7 +431,7 @@ def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:
         *[pl.col(c).alias(f) for f, c in cols.items()],
     )
     lookup = indexed.select(pl.col("_row"), pl.struct(used).struct.json_encode().alias("_raw"))
-    return RawInput(path, spec, frame, list(cols), raw_lookup=lookup)
+    return RawInput(path, spec, frame, list(cols), raw_lookup=lookup, rows_estimate=rows)
 
 
 def scan_input(path: Path, config: IngestConfig, work: Path) -> RawInput:

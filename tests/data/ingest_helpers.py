@@ -13,9 +13,11 @@ import zstandard
 
 from recsys.config import Config, load_config
 from recsys.data.ingest import IngestReport, ingest_files
+from recsys.data.staging import IN_MEMORY_ROWS
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 3, 1, tzinfo=UTC)  # fixed "now" for the max_future_days bound
+STAGING = {"in_memory_rows": IN_MEMORY_ROWS}  # set for each test by the ``staging`` fixture
 
 
 def make_config(root: Path, **ingest: Any) -> Config:
@@ -26,7 +28,7 @@ def make_config(root: Path, **ingest: Any) -> Config:
 
 
 def run(inputs: list[Path], root: Path, **ingest: Any) -> IngestReport:
-    return ingest_files(inputs, make_config(root, **ingest), now=NOW)
+    return ingest_files(inputs, make_config(root, **ingest), now=NOW, **STAGING)
 
 
 def events(root: Path) -> pl.DataFrame:

@@ -12,6 +12,8 @@ from recsys.schemas import TS_DTYPE
 
 T0 = 1_767_268_800  # 2026-01-01T12:00:00Z
 
+pytestmark = pytest.mark.usefixtures("staging")  # each test stages rows in memory and on disk
+
 
 def _ts(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC)

@@ -10,7 +10,7 @@ import sys
 
 import polars as pl
 import pytest
-from ingest_helpers import NOW, REPO, events, make_config, run, tree_hashes, write
+from ingest_helpers import NOW, REPO, STAGING, events, make_config, run, tree_hashes, write
 from typer.testing import CliRunner
 
 from recsys.data import partitions
@@ -18,6 +18,8 @@ from recsys.data import partitions
 T0 = 1_767_268_800  # 2026-01-01T12:00:00Z
 DAY = 86_400
 HEADER = "user_id,item_id,ts\n"
+
+pytestmark = pytest.mark.usefixtures("staging")  # each test stages rows in memory and on disk
 
 
 def _log(tmp_path, name, rows):
@@ -82,8 +84,9 @@ KILLER = """
 import os, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from ingest_helpers import run
+from ingest_helpers import STAGING, run
 from recsys.data import partitions
+STAGING.update({staging!r})
 def die(dest):
     if dest.name == "part-0.parquet" and "2026-01-02" in str(dest):
         os.kill(os.getpid(), 9)  # kill -9 after day 1 was replaced, with day 2 written but not renamed
@@ -97,7 +100,8 @@ def test_kill_9_mid_run_keeps_each_partition_whole_and_next_run_cleans_up(tmp_pa
     run([_log(tmp_path, "old.csv", [(1, 1, T0), (1, 2, T0 + DAY)])], root)
     before = tree_hashes(root / "events")
     new = _log(tmp_path, "new.csv", [(9, 8, T0), (9, 9, T0 + DAY)])
-    code = KILLER.format(tests=str(REPO / "tests" / "data"), src=str(new), root=str(root))
+    code = KILLER.format(tests=str(REPO / "tests" / "data"), src=str(new), root=str(root),
+                         staging=dict(STAGING))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()
     stale = root / partitions.WORK_DIR

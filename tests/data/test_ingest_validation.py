@@ -16,6 +16,8 @@ from recsys.data.ingest import IngestError
 T0 = 1_767_268_800  # 2026-01-01T12:00:00Z
 HEADER = "user_id,item_id,ts,watch_seconds\n"
 
+pytestmark = pytest.mark.usefixtures("staging")  # each test stages rows in memory and on disk
+
 
 def test_every_reason_is_quarantined_with_row_and_raw(tmp_path):
     lines = [

@@ -1,0 +1,121 @@
+"""Staged rows: where ingest keeps validated rows between parsing and the per-date writes.
+
+Each input is parsed and validated once (``validate.normalise``) and its rows are split by
+``_bucket``: a date bucket for good rows, ``BUCKET_BAD`` and ``BUCKET_BLANK`` for the rest. Two places:
+
+- on disk (default for large inputs): lz4 Parquet files ``f<input>/_bucket=<b>/*.parquet`` written by
+  the streaming engine, so memory stays bounded by one date bucket at any input size; row counts per
+  input come from the files' footers;
+- in memory, when the inputs are estimated to hold at most ``in_memory_rows`` rows: the same buckets
+  as DataFrames. Writing and re-reading the staged files costs about as much as parsing them (measured
+  on 10M rows: ~1.6 s CPU to parse and validate, ~1.4 s more to sink to Parquet, ~0.4 s to read back),
+  and small inputs fit in memory comfortably (~70 bytes per row).
+
+Both give the same rows in the same order (by input, then input row), so the output does not depend
+on where rows were staged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from recsys.data.validate import BUCKET_BAD, BUCKET_BLANK
+
+# Staged rows are read back once, right away: lz4 is about as cheap to write as no compression (zstd
+# cost ~1 s more per 10M rows) and keeps the temporary files ~3x smaller.
+STAGE_COMPRESSION = "lz4"
+# Inputs estimated at up to this many rows are staged in memory (peak ~1.3 GB at 10M rows).
+IN_MEMORY_ROWS = 12_000_000
+_GOOD_COLUMNS = ("_file", "_row", "user_id", "item_id", "ts", "watch_seconds", "event_type")
+
+FileStats = dict[int, tuple[int, int, int | None]]  # input -> (data rows, blank lines, last data row)
+
+
+class Stage:
+    """Staged rows of one ingest run, on disk under ``root`` or in memory."""
+
+    def __init__(self, root: Path, in_memory: bool) -> None:
+        self.root = root
+        self.in_memory = in_memory
+        self._frames: dict[tuple[int, int], pl.DataFrame] = {}  # (input, bucket) -> rows
+        self._stats: FileStats = {}
+
+    def put(self, file_index: int, rows: pl.LazyFrame) -> None:
+        """Stage one input's validated rows (with ``_bucket``); nothing is kept if reading fails."""
+        if not self.in_memory:
+            out = self.root / f"f{file_index}"
+            try:
+                rows.sink_parquet(pl.PartitionBy(out, key="_bucket", include_key=False), mkdir=True,
+                                  compression=STAGE_COMPRESSION, statistics=True)
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)
+                raise
+            return
+        frame = rows.collect()
+        blank = pl.col("_bucket") == BUCKET_BLANK
+        counts = frame.select((~blank).sum().alias("rows"), blank.sum().alias("blanks"),
+                              pl.col("_row").filter(~blank).max().alias("last")).row(0)
+        self._stats[file_index] = (int(counts[0]), int(counts[1]),
+                                   None if counts[2] is None else int(counts[2]))
+        bad = frame.filter(pl.col("_bucket") == BUCKET_BAD)
+        if bad.height:
+            self._frames[(file_index, BUCKET_BAD)] = bad.drop("_bucket")
+        good = frame.select(*_GOOD_COLUMNS, "_bucket")  # only bad rows need _reason and _raw
+        del frame
+        for (bucket,), part in good.partition_by("_bucket", as_dict=True, include_key=False).items():
+            if bucket >= 0:
+                self._frames[(file_index, bucket)] = part
+
+    def bucket(self, bucket: int, file_index: int | None = None) -> pl.LazyFrame | None:
+        """The rows of one bucket (of every input, or of one), in input order; None if there are none."""
+        if self.in_memory:
+            keys = sorted(k for k in self._frames if k[1] == bucket
+                          and (file_index is None or k[0] == file_index))
+            if not keys:
+                return None
+            return pl.concat([self._frames[k] for k in keys]).lazy()
+        files = self._files(bucket, "*" if file_index is None else file_index)
+        if not files:
+            return None
+        return pl.scan_parquet(files, hive_partitioning=False)
+
+    def drop(self, bucket: int) -> None:
+        """Forget a bucket once it is written (frees its memory)."""
+        for key in [k for k in self._frames if k[1] == bucket]:
+            del self._frames[key]
+
+    def file_stats(self) -> FileStats:
+        """Per input: (data rows (blank lines excluded), blank lines, last data row number or None)."""
+        if self.in_memory:
+            return dict(self._stats)
+        stats: FileStats = {}
+        for f in self._files():
+            i, bucket = int(f.parent.parent.name[1:]), int(f.parent.name.split("=", 1)[1])
+            meta = pq.read_metadata(f)
+            rows, blanks, last = stats.get(i, (0, 0, None))
+            if bucket == BUCKET_BLANK:
+                stats[i] = (rows, blanks + meta.num_rows, last)
+                continue
+            col = meta.schema.names.index("_row")
+            groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+            tops = [g.column(col).statistics for g in groups if g.num_rows]
+            if tops:
+                top = (max(int(st.max) for st in tops)
+                       if all(st is not None and st.has_min_max for st in tops) else _max_row(f))
+                last = top if last is None else max(last, top)
+            stats[i] = (rows + meta.num_rows, blanks, last)
+        return stats
+
+    def _files(self, bucket: int | str = "*", file_index: int | str = "*") -> list[Path]:
+        """Staged files in input order: by input index (numerically: f2 before f10), then name."""
+        files = self.root.glob(f"f{file_index}/_bucket={bucket}/*.parquet")
+        return sorted(files, key=lambda f: (int(f.parent.parent.name[1:]), f.name))
+
+
+def _max_row(path: Path) -> int:
+    """``_row`` maximum of a staged file with no statistics in its footer (reads the column)."""
+    return int(pl.scan_parquet(path).select(pl.col("_row").max()).collect().item())
