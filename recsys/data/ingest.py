@@ -35,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from recsys.config import Config
@@ -217,6 +218,14 @@ def _dedup(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return frame.filter(pl.col("_first")), dups
 
 
+def _per_file(files: pl.Series) -> list[tuple[int, int]]:
+    """(input index, rows) from a ``_file`` column; stored events (``_file == -1``) are left out."""
+    if files.is_empty():
+        return []
+    counts = np.bincount(files.to_numpy() + 1)[1:]
+    return [(i, int(n)) for i, n in enumerate(counts) if n]
+
+
 def _with_stored(frame: pl.DataFrame, events_dir: Path) -> pl.DataFrame:
     """Merge mode: prepend what the touched partitions already hold (``_file = -1``)."""
     stored = []
@@ -262,10 +271,10 @@ def _write_events(
             del frame
             for (day,), part in sorted(days.items()):
                 kept, dups = _dedup(part)
-                for i, n in dups.group_by("_file").len().iter_rows():
-                    reports[i].duplicates += int(n)
-                for i, n in kept.filter(pl.col("_file") >= 0).group_by("_file").len().iter_rows():
-                    reports[i].events_written += int(n)
+                for i, n in _per_file(dups["_file"]):
+                    reports[i].duplicates += n
+                for i, n in _per_file(kept["_file"]):
+                    reports[i].events_written += n
                 name = day.isoformat()
                 existed.append(writer.submit(partitions.replace_partition, kept.select(EVENT_COLUMNS),
                                              events_dir, name, work))

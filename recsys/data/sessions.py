@@ -104,8 +104,9 @@ def build_sessions(
 ) -> dict[str, Any]:
     """Read events, write ``part-XXXX.parquet`` sequence files (sessions contract) atomically; return stats.
 
-    Buckets are read in passes of about ``events_per_pass`` events (one filtered scan per pass), which
-    bounds memory at any scale while reading small data only once.
+    Buckets are read in passes of about ``events_per_pass`` events (one filtered scan per pass, after
+    one scan for the global counts), which bounds memory at any scale; data that fits one pass is read
+    once and counted in memory.
     """
     cfg = config.sessions
     events_dir = Path(events_dir) if events_dir is not None else config.paths.events_dir
@@ -120,10 +121,15 @@ def build_sessions(
     scan = source.select(columns)
     schema = scan.collect_schema()
     out_schema = sessions_schema(schema[USER_ID], schema[ITEM_ID])
-    # One pass for what must be global: per-user event counts (session id offsets), item support.
+    passes = _bucket_passes(scan.select(pl.len()).collect().item(), cfg.n_buckets, events_per_pass)
+    # Data for one pass is read once and counted in memory; larger data is scanned once more per pass.
+    events = scan.collect() if len(passes) == 1 else None
+    counted = scan if events is None else events.lazy()
+    # What must be global: per-user event counts (session id offsets), item support.
     user_counts, item_counts = pl.collect_all(
-        [scan.group_by(USER_ID).len(), scan.group_by(ITEM_ID).len()], engine="streaming"
+        [counted.group_by(USER_ID).len(), counted.group_by(ITEM_ID).len()], engine="streaming"
     )
+    del counted
     n_events = int(user_counts["len"].sum())
     if n_events == 0:
         raise ValueError(f"events directory {events_dir} holds no events")
@@ -143,8 +149,9 @@ def build_sessions(
     out_items: list[pl.Series] = []
     try:
         with BackgroundWriter() as writer:
-            for buckets in _bucket_passes(n_events, cfg.n_buckets, events_per_pass):
-                parts = _read_buckets(scan, buckets, cfg.n_buckets)
+            for buckets in passes:
+                parts = _read_buckets(scan if events is None else events.lazy(), buckets, cfg.n_buckets)
+                events = None
                 for bucket in buckets:
                     frame, counts = sessionise(parts.pop(bucket), cfg, rare, max_runs=len(files) + 1)
                     frame = _with_session_ids(frame, user_offsets, out_schema)
