@@ -1,7 +1,9 @@
 """Scale benchmark of the data stages: generate -> ingest -> sessions -> split, plus a pandas sessioniser.
 
 Each stage runs in its own subprocess so its peak RSS is its own (``os.wait4`` rusage of that child);
-events/s is timed inside the child around the stage call only (imports excluded). A straightforward pandas
+events/s is timed inside the child around the stage call only (imports excluded), beside the CPU seconds
+of that call (all threads: on a busy machine, CPU time says how much work a stage did, wall time how long
+it waited for the cores too). A straightforward pandas
 sessioniser (sort by user and time, gap -> session ids, groupby with list aggregation) runs on the first
 size for comparison with ``recsys.data.sessions.build_sessions``.
 
@@ -57,43 +59,43 @@ def _child_config(work: Path, n_events: int, sets: list[str]):
     return load_config(REPO / "conf", [f"paths.data_root={work}", f"generate.n_events={n_events}", *sets])
 
 
+def _timed(fn: Any, *args: Any) -> tuple[Any, float, float]:
+    """(result, wall seconds, CPU seconds of all threads): CPU time tells work from waiting on a busy box."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = fn(*args)
+    return result, time.perf_counter() - t0, time.process_time() - c0
+
+
 def _run_stage(stage: str, work: Path, n_events: int, sets: list[str]) -> dict[str, Any]:
     config = _child_config(work, n_events, sets)
     if stage == "generate":
         from recsys.data.synthetic import generate
 
-        t0 = time.perf_counter()
-        res = generate(config)
-        secs = time.perf_counter() - t0
+        res, secs, cpu = _timed(generate, config)
         (work / "generated.json").write_text(json.dumps(res))
-        return {"events": res["events"], "seconds": secs, "detail": {"files": len(res["files"])}}
+        return {"events": res["events"], "seconds": secs, "cpu_seconds": cpu,
+                "detail": {"files": len(res["files"])}}
     if stage == "ingest":
         from recsys.data.ingest import ingest_files
 
         files = [Path(f) for f in json.loads((work / "generated.json").read_text())["files"]]
-        t0 = time.perf_counter()
-        rep = ingest_files(files, config)
-        secs = time.perf_counter() - t0
+        rep, secs, cpu = _timed(ingest_files, files, config)
         d = rep.to_dict()
-        return {"events": d["rows_in"], "seconds": secs,
+        return {"events": d["rows_in"], "seconds": secs, "cpu_seconds": cpu,
                 "detail": {"events_written": d["events_written"], "duplicates": d["duplicates"],
                            "quarantined": sum(d["quarantined"].values()),
                            "partitions": len(d["partitions"])}}
     if stage == "sessions":
         from recsys.data.sessions import build_sessions
 
-        t0 = time.perf_counter()
-        st = build_sessions(config)
-        secs = time.perf_counter() - t0
-        return {"events": st["events_in"], "seconds": secs,
+        st, secs, cpu = _timed(build_sessions, config)
+        return {"events": st["events_in"], "seconds": secs, "cpu_seconds": cpu,
                 "detail": {"sessions": st["sessions"], "events_kept": st["events"]}}
     if stage == "split":
         from recsys.data.split import split_sessions
 
-        t0 = time.perf_counter()
-        st = split_sessions(config)
-        secs = time.perf_counter() - t0
-        return {"events": st["sequences"]["events"], "seconds": secs,
+        st, secs, cpu = _timed(split_sessions, config)
+        return {"events": st["sequences"]["events"], "seconds": secs, "cpu_seconds": cpu,
                 "detail": {"vocab": st["vocab_size"],
                            **{f"{k}_sequences": v["sequences"] for k, v in st["splits"].items()}}}
     if stage == "pandas":
@@ -202,6 +204,8 @@ def run_child(stage: str, work: Path, n: int, sets: list[str], profile: Path | N
                   events_per_second=round(result["events"] / result["seconds"]),
                   load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2))
     result["seconds"] = round(result["seconds"], 2)
+    if "cpu_seconds" in result:
+        result["cpu_seconds"] = round(result["cpu_seconds"], 2)
     return result
 
 
@@ -237,17 +241,20 @@ def print_report(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
+    if console.width < 110:  # piped output defaults to 80 columns, too narrow for the table
+        console = Console(width=110)
     table = Table(title="bench_ingest: data stages (each in its own process)")
-    for col in ("events", "stage", "seconds", "events/s", "peak RSS GB", "wall s", "load"):
+    for col in ("events", "stage", "seconds", "CPU s", "events/s", "peak RSS GB", "wall s", "load"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for r in rows:
         if r.get("skipped"):
             est = f"est. {r['estimate_seconds']:.0f} s" if r.get("estimate_seconds") else "no time left"
-            table.add_row(label(r["size"]), r["stage"], f"skipped ({est})", "", "", "", "")
+            table.add_row(label(r["size"]), r["stage"], f"skipped ({est})", "", "", "", "", "")
             continue
         cut = r.get("timed_out")
+        cpu = r.get("cpu_seconds")
         table.add_row(label(r["size"]), r["stage"] + (" (stopped)" if cut else ""),
-                      f"{'>' if cut else ''}{r['seconds']:.2f}",
+                      f"{'>' if cut else ''}{r['seconds']:.2f}", "" if cpu is None else f"{cpu:.2f}",
                       f"{'<' if cut else ''}{r['events_per_second']:,}",
                       f"{r['peak_rss_gb']:.2f}", f"{r['wall_seconds']:.1f}",
                       f"{r['load_before']:.1f}->{r['load_after']:.1f}")

@@ -122,7 +122,7 @@ def build_sessions(
     schema = scan.collect_schema()
     out_schema = sessions_schema(schema[USER_ID], schema[ITEM_ID])
     passes = _bucket_passes(scan.select(pl.len()).collect().item(), cfg.n_buckets, events_per_pass)
-    # Data for one pass is read once and counted in memory; larger data is scanned once more per pass.
+    # Data that fits one pass is read once and counted in memory; larger data is scanned for the counts.
     events = scan.collect() if len(passes) == 1 else None
     counted = scan if events is None else events.lazy()
     # What must be global: per-user event counts (session id offsets), item support.

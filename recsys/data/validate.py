@@ -170,7 +170,7 @@ def _clean_text(frame: pl.LazyFrame, names: list[str]) -> pl.LazyFrame:
     """Raw fields as trimmed text, empty -> null.
 
     Two steps so that each value is trimmed once: polars evaluates a sub-expression used in both
-    branches of a ``when`` twice (measured ~0.2 s per 10M rows and field).
+    branches of a ``when`` twice (measured: ~0.2 s less per 10M rows with two text fields).
     """
     trimmed = frame.with_columns([pl.col(f).cast(_STR).str.strip_chars() for f in names])
     return trimmed.with_columns([pl.when(pl.col(f) == "").then(None).otherwise(pl.col(f)).alias(f)
