@@ -9,7 +9,7 @@ Each input is parsed and validated once (``validate.normalise``) and its rows ar
 - in memory, when the inputs are estimated to hold at most ``in_memory_rows`` rows: the same buckets
   as DataFrames. Writing and re-reading the staged files costs about as much as parsing them (measured
   on 10M rows: ~1.6 s CPU to parse and validate, ~1.4 s more to sink to Parquet, ~0.4 s to read back),
-  and small inputs fit in memory comfortably (~70 bytes per row).
+  and small inputs fit in memory comfortably (ingest's peak RSS at 10M rows: 1.25 GB, vs 0.46 GB).
 
 Both give the same rows in the same order (by input, then input row), so the output does not depend
 on where rows were staged.
@@ -24,13 +24,14 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from recsys.data.validate import BUCKET_BAD, BUCKET_BLANK
+from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, USER_ID, WATCH_SECONDS
 
 # Staged rows are read back once, right away: lz4 is about as cheap to write as no compression (zstd
 # cost ~1 s more per 10M rows) and keeps the temporary files ~3x smaller.
 STAGE_COMPRESSION = "lz4"
-# Inputs estimated at up to this many rows are staged in memory (peak ~1.3 GB at 10M rows).
+# Inputs estimated at up to this many rows in all are staged in memory.
 IN_MEMORY_ROWS = 12_000_000
-_GOOD_COLUMNS = ("_file", "_row", "user_id", "item_id", "ts", "watch_seconds", "event_type")
+_GOOD_COLUMNS = ("_file", "_row", USER_ID, ITEM_ID, TS, WATCH_SECONDS, EVENT_TYPE)
 
 FileStats = dict[int, tuple[int, int, int | None]]  # input -> (data rows, blank lines, last data row)
 

@@ -8,6 +8,8 @@ import polars as pl
 import pytest
 from ingest_helpers import assert_conserved, events, run, write
 
+from recsys.config import IngestConfig
+from recsys.data.readers import scan_input
 from recsys.schemas import TS_DTYPE
 
 T0 = 1_767_268_800  # 2026-01-01T12:00:00Z
@@ -108,6 +110,18 @@ def test_compressed_inputs(tmp_path, suffix):
     root = tmp_path / "data"
     assert run([src], root).events_written == 2
     assert events(root)["item_id"].to_list() == [2, 3]
+
+
+def test_row_estimates_choose_where_rows_are_staged(tmp_path):
+    body = "".join(f"{u},{u % 7},{T0 + u}\n" for u in range(500))
+    csv = write(tmp_path / "a.csv", "user_id,item_id,ts\n" + body)
+    gz = write(tmp_path / "a.csv.gz", "user_id,item_id,ts\n" + body)
+    pq = tmp_path / "a.parquet"
+    pl.DataFrame({"user_id": [1, 2, 3], "item_id": [4, 5, 6], "ts": [T0] * 3}).write_parquet(pq)
+    cfg = IngestConfig()
+    assert 450 <= scan_input(csv, cfg, tmp_path).rows_estimate <= 550  # type: ignore[operator]
+    assert scan_input(gz, cfg, tmp_path).rows_estimate is None  # unknown: staged on disk
+    assert scan_input(pq, cfg, tmp_path).rows_estimate == 3
 
 
 PRESET_FILES = {
