@@ -340,19 +340,24 @@ def available_profiles(conf_dir: Path | None = None) -> list[str]:
     return sorted(f.stem for f in (conf_dir / PROFILES_DIR).glob("*.yaml"))
 
 
+def _overlay(tree: dict[str, Any], sections: dict[str, Any], where: str) -> None:
+    """Set every ``{section: {key: value}}`` of ``sections`` in ``tree``; errors name ``where``."""
+    for section, content in sections.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+        if not isinstance(content, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys")
+        for key, value in _flatten(content).items():
+            _set_path(tree, [section, *key.split(".")], value)
+
+
 def _apply_profile(tree: dict[str, Any], conf_dir: Path, name: str) -> None:
     """Overlay ``<conf_dir>/profiles/<name>.yaml`` (``section: {key: value}``) on the section files."""
     file = conf_dir / PROFILES_DIR / f"{name}.yaml"
     if not file.is_file():
         known = ", ".join(available_profiles(conf_dir)) or "none"
         raise ConfigError(f"profile {name!r}: no file {file} (known profiles: {known})")
-    for section, content in _read_mapping(file, "sections").items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{file}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
-        if not isinstance(content, dict):
-            raise ConfigError(f"{file}: section {section!r} must be a mapping of keys")
-        for key, value in _flatten(content).items():
-            _set_path(tree, [section, *key.split(".")], value)
+    _overlay(tree, _read_mapping(file, "sections"), str(file))
 
 
 def load_config(
@@ -383,13 +388,7 @@ def load_config(
         _apply_profile(tree, conf_dir, profile)
     if env_root := os.environ.get(DATA_ROOT_ENV):
         _set_path(tree, ["paths", "data_root"], env_root)
-    for section, content in (values or {}).items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{section}: unknown section (known: {', '.join(SECTIONS)})")
-        if not isinstance(content, dict):
-            raise ConfigError(f"{section}: must be a mapping of keys")
-        for key, value in _flatten(content).items():
-            _set_path(tree, [section, *key.split(".")], value)
+    _overlay(tree, values or {}, "values")
     for text in overrides:
         path, value = parse_override(text)
         _set_path(tree, path, value)
