@@ -238,9 +238,10 @@ def train(
     table = metrics_table(rows, config.evaluate.cutoffs, "test", resolve_exclude_seen(config))
     (console if console.is_terminal else Console(width=max(console.width, 120))).print(table)
     last = result.history[-1] if result.history else {}
+    refit = f", then refit on train + valid for {result.refit_epochs} epochs" if result.refit_epochs else ""
     console.print(
         f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}"
-        f"{' (early stop)' if result.stopped_early else ''}; "
+        f"{' (early stop)' if result.stopped_early else ''}{refit}; "
         f"{last.get('events_per_second', 0):,.0f} events/s in the last epoch; "
         f"checkpoint {result.best_checkpoint}"
     )

@@ -186,6 +186,8 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(None, gt=0)
     epochs: int = Field(10, ge=1)
     patience: int = Field(3, ge=1)  # early stopping on validation MRR@20
+    # after early stopping: train a fresh model on train + valid for the chosen number of epochs
+    refit: bool = False
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA only

@@ -371,6 +371,8 @@ def tracked_training(
     checkpoint = Path(result.best_checkpoint)
     metrics = final_metrics(result.test_metrics, result.baseline_metrics)
     metrics.update(best_epoch_metrics(list(result.history), getattr(result, "best_epoch", 0)))
+    if getattr(result, "refit_epochs", 0):  # the registered model also trained on the validation events
+        metrics["refit_epochs"] = float(result.refit_epochs)
     if run_id is None:
         raise TrackingUnavailableError(f"{start_error}; training finished, {_register_hint(checkpoint)}")
     try:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys.config import Config
-from recsys.data.sequences import SequenceSet, load_sequences
+from recsys.config import Config, TrainConfig
+from recsys.data.sequences import SequenceSet, load_sequences, load_train_and_valid
 from recsys.data.vocab import Vocab
 from recsys.device import resolve_device
 from recsys.evaluate import evaluate_all, evaluate_recommender, resolve_exclude_seen
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
+REFIT_KEY = "refit_epochs"  # in best.pt's extra: it was refitted on train + valid for this many epochs
 SELECT_METRIC = "mrr@20"
 MODEL_NAME = "gru4rec"
 
@@ -53,6 +54,7 @@ class TrainResult:
     n_items: int
     best_epoch: int = 0
     stopped_early: bool = False
+    refit_epochs: int = 0  # > 0: best_checkpoint was retrained on train + valid for this many epochs
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,6 +123,47 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _run_epoch(
+    trainer: SessionParallelTrainer, seqs: SequenceSet, cfg: TrainConfig, epoch: int, device: torch.device
+) -> tuple[float, int, float]:
+    """One epoch over ``seqs`` (order reshuffled from the seed and epoch): (mean loss, events, seconds)."""
+    plan = plan_epoch(seqs, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
+    dplan = plan.to_torch(device)
+    progress = _Progress(epoch, plan.n_steps, plan.n_events)
+    t0 = time.perf_counter()
+    try:
+        with _cpu_threads(device, cfg.threads):
+            loss = trainer.run_epoch(dplan, epoch, on_steps=progress.update)
+    finally:
+        progress.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return loss, plan.n_events, time.perf_counter() - t0
+
+
+def _refit(config: Config, split_dir: Path, vocab: Vocab, epochs: int, device: torch.device, best_path: Path,
+           extra: dict[str, Any]) -> None:
+    """Train a fresh model on train + valid for ``epochs`` epochs and make it ``best_path``.
+
+    The epoch count was chosen on validation, so the validation events can then be trained on too:
+    the most recent transitions of every sequence are often the most telling (on ml-100k, checked one
+    step earlier, +0.013 Recall@20). Same seed and settings as the selection run. A run killed here
+    leaves the selected model as ``best_path`` (atomic save); resuming redoes the refit from scratch.
+    """
+    cfg = config.train
+    seqs = load_train_and_valid(split_dir / TRAIN_FILE, split_dir / VALID_FILE, vocab)
+    torch.manual_seed(cfg.seed)
+    model = GRU4Rec(len(vocab), config.model).to(device)
+    trainer = SessionParallelTrainer(model, cfg, vocab.counts, device, mask_seen=resolve_mask_seen(config))
+    for epoch in range(1, epochs + 1):
+        loss, n_events, seconds = _run_epoch(trainer, seqs, cfg, epoch, device)
+        log.info("refit epoch %d/%d on train + valid: loss %.4f, %.0f events/s", epoch, epochs, loss,
+                 n_events / seconds)
+    selected = load_checkpoint(best_path)
+    save_checkpoint(best_path, model=model, optimizer=None, config=config, vocab=vocab, epoch=epochs,
+                    metrics=selected.metrics, extra={**extra, REFIT_KEY: epochs})
 
 
 def resolve_mask_seen(config: Config) -> bool:
@@ -212,23 +255,12 @@ def train_model(
     stopped_early = finished
     epoch = start_epoch
     while not finished and epoch <= cfg.epochs:
-        plan = plan_epoch(train, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
-        dplan = plan.to_torch(device)
-        progress = _Progress(epoch, plan.n_steps, plan.n_events)
-        t0 = time.perf_counter()
-        try:
-            with _cpu_threads(device, cfg.threads):
-                train_loss = trainer.run_epoch(dplan, epoch, on_steps=progress.update)
-        finally:
-            progress.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
+        train_loss, n_events, seconds = _run_epoch(trainer, train, cfg, epoch, device)
         valid_metrics = _validate(model, valid, config, device)
         entry = {
             "epoch": epoch,
             "train_loss": train_loss,
-            "events_per_second": plan.n_events / seconds,
+            "events_per_second": n_events / seconds,
             "epoch_seconds": seconds,
             "valid": valid_metrics,
         }
@@ -288,6 +320,12 @@ def train_model(
             )
         epoch += 1
 
+    refit_epochs = 0
+    if cfg.refit and best_epoch > 0:
+        refit_epochs = int(load_checkpoint(best_path).extra.get(REFIT_KEY, 0))
+        if not refit_epochs:  # not done yet (also after a resume that found training finished)
+            _refit(config, split_dir, vocab, best_epoch, device, best_path, {"history": history})
+            refit_epochs = best_epoch
     test_metrics: dict[str, float] = {}
     baseline_metrics: dict[str, dict[str, float]] = {}
     if evaluate_test:
@@ -310,4 +348,5 @@ def train_model(
         n_items=n_items,
         best_epoch=best_epoch,
         stopped_early=stopped_early,
+        refit_epochs=refit_epochs,
     )

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.vocab import Vocab
-from recsys.schemas import ITEMS, N_CONTEXT, USER_ID
+from recsys.schemas import ITEMS, N_CONTEXT, SESSION_ID, USER_ID
 
 
 @dataclass
@@ -67,7 +67,27 @@ def load_sequences(path: Path, vocab: Vocab) -> SequenceSet:
     cannot be ranked (counted as ``unseen_target``), an unknown history item cannot be fed
     (``unseen_context``). A target left without any history is counted as ``no_history``.
     """
-    frame = pl.read_parquet(path, columns=[USER_ID, ITEMS, N_CONTEXT])
+    return _to_sequence_set(pl.read_parquet(path, columns=[USER_ID, ITEMS, N_CONTEXT]), vocab)
+
+
+def load_train_and_valid(train_path: Path, valid_path: Path, vocab: Vocab) -> SequenceSet:
+    """Every sequence as far as the validation split sees it, all positions trainable (refit data).
+
+    A validation row extends its training row (same sequence, later cut-off), so it replaces it;
+    training rows without a validation row are kept. Rows are matched by ``session_id``, or by
+    ``user_id`` in split files without session ids (whole-user sequences).
+    """
+    names = set(pl.read_parquet_schema(train_path)) & set(pl.read_parquet_schema(valid_path))
+    key = SESSION_ID if SESSION_ID in names else USER_ID
+    columns = list(dict.fromkeys([key, USER_ID, ITEMS]))
+    train = pl.read_parquet(train_path, columns=columns)
+    valid = pl.read_parquet(valid_path, columns=columns)
+    frame = pl.concat([valid, train.join(valid.select(key), on=key, how="anti")])
+    return _to_sequence_set(frame.with_columns(pl.lit(0, dtype=pl.Int32).alias(N_CONTEXT)), vocab)
+
+
+def _to_sequence_set(frame: pl.DataFrame, vocab: Vocab) -> SequenceSet:
+    """(user_id, items, n_context) rows -> flat vocabulary indices; unknown items removed and counted."""
     lengths = frame[ITEMS].list.len().cast(pl.Int64).to_numpy()
     flat_ids = frame[ITEMS].explode()
     idx = vocab.index_of(flat_ids)

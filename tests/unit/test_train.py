@@ -102,3 +102,30 @@ def test_mask_seen_negatives_follows_the_exclude_seen_rule_unless_set(tmp_path):
     assert mask("sessions.mode=gap") is False  # re-watching within a session must stay learnable
     assert mask("sessions.mode=gap", "evaluate.exclude_seen=true") is True
     assert mask("sessions.mode=user", "train.mask_seen_negatives=false") is False
+
+
+def test_refit_replaces_best_with_a_train_plus_valid_model_and_resume_redoes_a_killed_refit(
+    tmp_path, split_dir, monkeypatch
+):
+    import recsys.train as train_module
+
+    sets = ["train.epochs=2", "train.patience=9", "train.refit=true"]
+    full = train_model(_config(tmp_path / "a", *sets), split_dir, evaluate_test=False)
+    refitted = load_checkpoint(full.best_checkpoint)
+    assert full.refit_epochs == full.best_epoch == refitted.extra["refit_epochs"] == refitted.epoch
+    selected = load_checkpoint(full.best_checkpoint.with_name("last.pt")).model_state
+    assert not all(torch.equal(selected[k], refitted.model_state[k]) for k in selected)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during the refit")
+
+    monkeypatch.setattr(train_module, "_refit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(_config(tmp_path / "b", *sets), split_dir, evaluate_test=False)
+    monkeypatch.undo()
+    before = load_checkpoint(tmp_path / "b" / "checkpoints" / "gru4rec" / "best.pt")
+    assert "refit_epochs" not in before.extra  # the selected model is still there, whole
+    resumed = train_model(_config(tmp_path / "b", *sets), split_dir, resume=True, evaluate_test=False)
+    again = load_checkpoint(resumed.best_checkpoint)
+    assert resumed.refit_epochs == full.refit_epochs
+    assert all(torch.equal(again.model_state[k], refitted.model_state[k]) for k in refitted.model_state)
