@@ -167,6 +167,8 @@ class ModelConfig(Section):
     embedding_dim: int = Field(0, ge=0)  # separate embedding only; 0 means hidden_size
     dropout_embed: float = Field(0.0, ge=0, lt=1)
     dropout_hidden: float = Field(0.0, ge=0, lt=1)
+    # learned score offset for items already in the sequence (repeat consumption; 0 init, trained)
+    history_bias: bool = False
 
 
 class TrainConfig(Section):

@@ -53,6 +53,14 @@ class Recommender(Protocol):
     def score(self, states: torch.Tensor) -> torch.Tensor: ...  # [b, D] -> [b, n_items]
 
 
+@runtime_checkable
+class HistoryAware(Protocol):
+    """A recommender whose scores also depend on which items a query's history holds (not only on its
+    state): GRU4Rec with ``model.history_bias``. Applied only when history items are not masked anyway."""
+
+    def add_history_bias(self, scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None: ...
+
+
 def resolve_exclude_seen(config: Config) -> bool:
     """The one rule for masking already-watched items.
 
@@ -159,6 +167,7 @@ def evaluate_recommender(
     targets = seqs.items[seqs.offsets[seq] + pos]  # [Q]
     n_queries = len(seq)
     states = rec.encode_queries(seqs)  # [Q, D]
+    history_aware = isinstance(rec, HistoryAware)
     if states.shape[0] != n_queries:
         raise ValueError(f"{rec.name}: encode_queries gave {states.shape[0]} states for {n_queries} queries")
 
@@ -169,9 +178,13 @@ def evaluate_recommender(
         scores = _own(rec.score(states[lo:hi].to(device)))  # [b, n_items]
         if scores.shape != (hi - lo, n_items):
             raise ValueError(f"{rec.name}: score gave shape {tuple(scores.shape)}, want {(hi - lo, n_items)}")
-        if exclude_seen:
+        if exclude_seen or history_aware:
             rows, cols = history_pairs(seqs, seq[lo:hi], pos[lo:hi])
-            scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -math.inf
+            rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
+            if exclude_seen:
+                scores[rows_t, cols_t] = -math.inf
+            else:
+                rec.add_history_bias(scores, rows_t, cols_t)
 
         tgt = torch.from_numpy(targets[lo:hi]).to(device)  # [b]
         tgt_score = scores.gather(1, tgt[:, None])  # [b, 1]

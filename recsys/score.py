@@ -223,8 +223,13 @@ def rank_users(
     chunk_rows: int,
     out_idx: np.ndarray,
     out_score: np.ndarray,
+    history_bias: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
 ) -> None:
-    """Top-K of ``score_fn(lo, hi)`` (scores [hi-lo, n_items] of ``users[lo:hi]``), masked, into ``out_*``."""
+    """Top-K of ``score_fn(lo, hi)`` (scores [hi-lo, n_items] of ``users[lo:hi]``), masked, into ``out_*``.
+
+    ``history_bias(scores, rows, cols)``, used only when watched items are not excluded, adjusts the
+    scores of the watched (row, item) pairs in place (the model's learned repeat offset).
+    """
     device = excluded.device
     k = min(top_k, n_items)
     for lo in range(0, len(users), chunk_rows):
@@ -232,10 +237,14 @@ def rank_users(
         scores = score_fn(lo, lo + len(chunk))  # [b, n_items]
         if len(excluded):
             scores.index_fill_(1, excluded, -torch.inf)
-        if exclude_seen:
+        if exclude_seen or history_bias is not None:
             rows, cols = seen_coordinates(hist, chunk)
             if len(rows):
-                scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -torch.inf
+                rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
+                if exclude_seen:
+                    scores[rows_t, cols_t] = -torch.inf
+                else:
+                    history_bias(scores, rows_t, cols_t)
         vals, idx = block_topk(scores, k)  # [b, k] sorted, -inf last
         out_idx[chunk, :k] = idx.cpu().numpy()
         out_score[chunk, :k] = vals.float().cpu().numpy()
@@ -324,9 +333,13 @@ def _score_users(
         excl_ids = read_id_file(sc.exclude_items_file, ITEM_ID) if sc.exclude_items_file else None
         excl_idx, excl_unknown = excluded_indices(vocab, excl_ids)
         cutoff = history_cutoff(run_date)
+        # watched items are masked, or (model.history_bias, not masked) given the learned repeat offset
+        learned = model.history_bias is not None and not sc.exclude_seen
+        history_bias = model.add_history_bias if learned else None
         hist = load_histories(
             events_dir, vocab, cutoff=cutoff, history_days=sc.history_days, max_history=sc.max_history,
-            drop_repeats=config.sessions.drop_consecutive_repeats, with_seen=sc.exclude_seen, users=requested,
+            drop_repeats=config.sessions.drop_consecutive_repeats,
+            with_seen=sc.exclude_seen or history_bias is not None, users=requested,
         )
 
     n_users = hist.n_users
@@ -359,7 +372,7 @@ def _score_users(
             rank_users(
                 lambda lo, hi, states=states: model.score_items(states[lo:hi]),  # [b, n_items]
                 hist, batch, n_items=n_items, top_k=k, exclude_seen=sc.exclude_seen, excluded=excluded,
-                chunk_rows=chunk_rows, out_idx=out_idx, out_score=out_score,
+                chunk_rows=chunk_rows, out_idx=out_idx, out_score=out_score, history_bias=history_bias,
             )
         done = lo + len(batch)
         if done * 10 // len(order) > lo * 10 // len(order):  # every ~10%

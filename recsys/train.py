@@ -264,6 +264,8 @@ def train_model(
             "epoch_seconds": seconds,
             "valid": valid_metrics,
         }
+        if model.history_bias is not None:  # the learned repeat offset: < 0 when watched items never return
+            entry["history_bias"] = float(model.history_bias.detach())
         history.append(entry)
         score = float(valid_metrics[SELECT_METRIC])
         improved = score > best_metric

@@ -111,6 +111,10 @@ class GRU4Rec(nn.Module):
         layers = [RecurrentLayer(config.cell, input_size, H, project)]
         layers += [RecurrentLayer(config.cell, H, H, True) for _ in range(config.n_layers - 1)]
         self.layers = nn.ModuleList(layers)
+        # Scalar added to the score of every item already in the sequence: the data decide whether a
+        # repeat is likely (re-watched series: > 0) or not (rated films: < 0); the GRU state alone
+        # cannot remember a long history's item set. Absent (no parameter) when disabled.
+        self.history_bias = nn.Parameter(torch.zeros(())) if config.history_bias else None  # []
         self.dropout_embed = config.dropout_embed
         self.dropout_hidden = config.dropout_hidden
 
@@ -184,6 +188,16 @@ class GRU4Rec(nn.Module):
         out = self.sequence_outputs(items, lengths)  # [B, L, H]
         idx = (lengths.to(items.device) - 1).clamp(min=0)  # [B]
         return out[torch.arange(len(idx), device=items.device), idx]  # [B, H]
+
+    def add_history_bias(self, scores: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """Adds the learned repeat offset (``model.history_bias``) to history items, in place.
+
+        scores [b, n_items]; rows, cols [P] the (row, item) pairs of every row's history. A pair listed
+        twice (an item repeated in a history) adds once: training sees history as a set (a bitmap).
+        """
+        if self.history_bias is not None and rows.numel():
+            scores[rows, cols] = scores[rows, cols] + self.history_bias.to(scores.dtype)  # [b, n_items]
+        return scores
 
     def score_items(self, states: Tensor) -> Tensor:
         """Full-catalogue scores: states [b, H] -> [b, n_items] (higher = better)."""

@@ -94,7 +94,8 @@ def recommend(
     """Top-``top_k`` items per user: ``user_id, rank, item_id, score, source``.
 
     ``source`` is ``model``, or ``popular`` for a user none of whose history items the model knows (the
-    training-count ranking, score = count). ``exclude_seen`` drops items in the user's history.
+    training-count ranking, score = count). ``exclude_seen`` drops items in the user's history; without it
+    a model trained with ``model.history_bias`` adds its learned offset to them.
     """
     n_items = len(vocab)
     k = max(1, min(int(top_k), n_items))
@@ -111,10 +112,12 @@ def recommend(
         if has.any():
             states = model.final_states(batch[has], lens[has])  # [b', H]
             scores[has] = model.score_items(states).float()  # [b', N]
+        rows = torch.arange(hi - lo, device=device).unsqueeze(1).expand_as(batch)  # [b, L]
+        valid = torch.arange(batch.shape[1], device=device).unsqueeze(0) < lens.unsqueeze(1)  # [b, L]
         if exclude_seen:
-            rows = torch.arange(hi - lo, device=device).unsqueeze(1).expand_as(batch)  # [b, L]
-            valid = torch.arange(batch.shape[1], device=device).unsqueeze(0) < lens.unsqueeze(1)  # [b, L]
             scores[rows[valid], batch[valid]] = -torch.inf
+        else:  # the learned repeat offset, when the model has one
+            model.add_history_bias(scores, rows[valid], batch[valid])
         vals, idx = torch.topk(scores, k, dim=1)  # [b, k]
         out_idx[lo:hi] = idx.cpu().numpy()
         out_score[lo:hi] = vals.cpu().numpy()

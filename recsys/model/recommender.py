@@ -87,3 +87,8 @@ class GRU4RecRecommender:
     @torch.no_grad()
     def score(self, states: Tensor) -> Tensor:
         return self.model.score_items(states.to(self.device)).float()  # [b, n_items]
+
+    @torch.no_grad()
+    def add_history_bias(self, scores: Tensor, rows: Tensor, cols: Tensor) -> None:
+        """The model's learned repeat offset on (row, item) history pairs (a no-op when it has none)."""
+        self.model.add_history_bias(scores, rows, cols)

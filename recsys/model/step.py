@@ -64,7 +64,9 @@ class SessionParallelTrainer:
             counts, cfg.n_sample, cfg.sample_alpha, cfg.sample_store_batches, device, cfg.seed + 1
         )
         self.shared = model.item_in is None
-        self.seen: Tensor | None = None  # [B, n_items] bool, only with train.mask_seen_negatives
+        # [B, n_items] bool history bitmap: for mask_seen and for the model's learned history bias
+        self.track_seen = self.mask_seen or model.history_bias is not None
+        self.seen: Tensor | None = None
         use_amp = cfg.amp and device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
         self._forward = (
@@ -80,12 +82,17 @@ class SessionParallelTrainer:
         cols: Tensor,
         targets: Tensor,
         active: Tensor | None,
-        seen_mask: Tensor | None = None,
+        seen_cols: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Loss and new state of one step from gathered leaves (a pure function: compilable)."""
+        """Loss and new state of one step from gathered leaves (a pure function: compilable).
+
+        ``seen_cols`` [B, C] bool: column j's item is already in row i's sequence (history bitmap).
+        """
         with self.autocast():
             out, new_state = self.model.step_rows(in_rows, state)  # [B, H], [n_layers, B, S]
             scores = torch.addmm(bias_rows, out, out_rows.t()).float()  # [B, C]
+        if self.model.history_bias is not None and seen_cols is not None:
+            scores = scores + self.model.history_bias * seen_cols  # [B, C] learned repeat offset
         loss = sampled_loss(
             scores,
             cols,
@@ -96,7 +103,7 @@ class SessionParallelTrainer:
             elu_param=self.cfg.elu_param,
             logq=self.cfg.logq,
             log_prob=self.sampler.log_prob,
-            extra_mask=seen_mask,
+            extra_mask=seen_cols if self.mask_seen else None,
         )  # []
         return loss, new_state.float()  # state stays fp32 between steps even under bf16 autocast
 
@@ -109,16 +116,16 @@ class SessionParallelTrainer:
         state = state * keep.view(1, -1, 1)  # [n_layers, B, S] zero the slots that start a sequence
         negs = self.sampler.draw()  # [n_sample]
         cols = torch.cat([targets, negs])  # [C] = [B + n_sample]
-        seen_mask = None
+        seen_cols = None
         if self.seen is not None:  # history of every slot's current sequence, as an item bitmap
             self.seen.mul_(keep.view(-1, 1).to(self.seen.dtype))  # [B, n_items] forget finished sequences
             self.seen[self._rows[: inputs.shape[0]], inputs] = True  # [B, n_items]
-            seen_mask = self.seen.index_select(1, cols)  # [B, C]
+            seen_cols = self.seen.index_select(1, cols)  # [B, C]
         out_rows = model.item_out.detach().index_select(0, cols).requires_grad_()  # [C, H]
         bias_rows = model.item_bias.detach().index_select(0, cols).requires_grad_()  # [C]
         table = model.item_out if self.shared else model.item_in
         in_rows = table.detach().index_select(0, inputs).requires_grad_()  # [B, I]
-        loss, new_state = self._forward(in_rows, out_rows, bias_rows, state, cols, targets, active, seen_mask)
+        loss, new_state = self._forward(in_rows, out_rows, bias_rows, state, cols, targets, active, seen_cols)
         loss.backward()
         sparse = {"item_bias": (cols, bias_rows.grad)}
         if self.shared:  # input and output rows are one table: one update over both index sets
@@ -147,7 +154,7 @@ class SessionParallelTrainer:
         check_every = check_every or (100 if self.device.type == "cuda" else 50)
         losses = torch.zeros(T, device=self.device)  # [T]
         state = self.model.init_state(B, self.device)  # [n_layers, B, S]
-        if self.mask_seen:
+        if self.track_seen:
             self.seen = torch.zeros(B, self.model.n_items, dtype=torch.bool, device=self.device)  # [B, n]
             self._rows = torch.arange(B, device=self.device)  # [B]
         checked = 0

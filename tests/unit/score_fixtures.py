@@ -71,16 +71,25 @@ def make_vocab() -> Vocab:
     return Vocab.from_items(items)
 
 
-def make_world(tmp_path: Path, score: dict | None = None, hidden: int = 8, seed: int = 0) -> World:
+def make_world(
+    tmp_path: Path,
+    score: dict | None = None,
+    hidden: int = 8,
+    seed: int = 0,
+    history_bias: float | None = None,
+) -> World:
+    """``history_bias``: the model has a learned repeat offset, set to this value."""
     data_root = tmp_path / "data"
     config = Config.model_validate({
         "paths": {"data_root": str(data_root)},
-        "model": {"hidden_size": hidden},
+        "model": {"hidden_size": hidden, "history_bias": history_bias is not None},
         "score": {"top_k": 5, "max_history": 10, "device": "cpu", **(score or {})},
     })
     vocab = make_vocab()
     torch.manual_seed(seed)
     model = GRU4Rec(len(vocab), config.model).eval()
+    if history_bias is not None:
+        model.history_bias.data.fill_(history_bias)
     checkpoint = save_checkpoint(
         data_root / "checkpoints" / "tiny.pt", model=model, optimizer=None, config=config, vocab=vocab,
         epoch=0, metrics={},

@@ -15,6 +15,7 @@ from recsys.config import Config
 from recsys.data.sequences import SequenceSet
 from recsys.data.vocab import Vocab
 from recsys.evaluate import (
+    HistoryAware,
     Recommender,
     canonical_topk,
     count_at_least,
@@ -116,6 +117,42 @@ def test_target_in_its_own_history_is_a_miss_when_masked():
     rec = FixedScores([[5.0, 1.0, 0.0]])
     assert evaluate_recommender(rec, seqs, cutoffs=(3,), exclude_seen=False, chunk_size=8)["recall@3"] == 1
     assert evaluate_recommender(rec, seqs, cutoffs=(3,), exclude_seen=True, chunk_size=8)["recall@3"] == 0
+
+
+class FixedScoresWithHistoryBias(FixedScores):
+    """FixedScores plus a constant added to each history item once (a learned repeat offset)."""
+
+    def __init__(self, scores, bias: float):
+        super().__init__(scores)
+        self.bias = bias
+
+    def add_history_bias(self, scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        scores[rows, cols] = scores[rows, cols] + self.bias
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 8])
+def test_history_bias_moves_history_items_once_and_only_when_not_masked(chunk_size):
+    rec = FixedScoresWithHistoryBias(THREE_SCORES, bias=-4.5)
+    assert isinstance(rec, HistoryAware) and not isinstance(FixedScores([[0.0]]), HistoryAware)
+    m = evaluate_recommender(rec, make_seqs(THREE_QUERIES), cutoffs=(1, 2, 3), exclude_seen=False,
+                             chunk_size=chunk_size)
+    # q0: item 0 (history) 9 -> 4.5, target 1 (5) beaten only by item 2 (7) -> rank 2
+    # q1: items 0, 1 (history) 1 -> -3.5, target 2 tied with items 3, 4 at 1 -> rank 3
+    # q2: item 3 (history) 1 -> -3.5, target 0 (4) -> rank 1
+    assert m["mrr@3"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)
+    assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@2"] == pytest.approx(2 / 3)
+    # a repeated history item ([0, 0, 1]: query target 1, history {0}) is offset once, not twice
+    once = evaluate_recommender(FixedScoresWithHistoryBias([[6.0, 2.0, 1.5]], bias=-3.0),
+                                make_seqs([[0, 0, 1]], n_context=[2]), cutoffs=(1, 2), exclude_seen=False,
+                                chunk_size=chunk_size)
+    assert once["recall@1"] == 0.0 and once["recall@2"] == 1.0  # 6 - 3 = 3 > 2 (twice would be 0 < 2)
+    boosted = FixedScoresWithHistoryBias(THREE_SCORES, bias=100.0)  # history would rank first ...
+    m = evaluate_recommender(boosted, make_seqs(THREE_QUERIES), cutoffs=(1, 2, 3), exclude_seen=False,
+                             chunk_size=chunk_size)
+    assert m["recall@1"] == pytest.approx(0.0)  # q0, q1 lose rank 1 to history; q2 item 3 goes to 101
+    masked = evaluate_recommender(boosted, make_seqs(THREE_QUERIES), cutoffs=(1, 2, 3), exclude_seen=True,
+                                  chunk_size=chunk_size)
+    assert masked["mrr@3"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)  # ... but masking wins: ranks [2, 3, 1]
 
 
 def test_masked_items_are_never_recommended_and_cutoff_beyond_catalogue():

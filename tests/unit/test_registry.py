@@ -216,3 +216,27 @@ def test_recommend_matches_a_direct_model_call_and_keeps_the_last_history_items(
         assert got.loc[got["user_id"] == user, "item_id"].tolist() == want
     items, lengths = histories_to_batch(histories, vocab, max_history=2)
     assert lengths.tolist() == [2, 1, 2] and items.shape == (3, 2)
+
+
+def test_recommend_adds_the_learned_history_bias_only_when_watched_items_are_kept():
+    import polars as pl
+
+    from recsys.config import ModelConfig
+    from recsys.data.vocab import Vocab
+    from recsys.model.gru4rec import GRU4Rec
+
+    vocab = Vocab.from_items(pl.Series("item_id", [10, 11, 12, 13, 14, 15], dtype=pl.Int64))
+    torch.manual_seed(0)
+    model = GRU4Rec(len(vocab), ModelConfig(hidden_size=4, history_bias=True)).eval()
+    model.history_bias.data.fill_(100.0)  # watched items first, each offset once (12 is listed twice)
+    history = [[12, 14, 12]]
+    kept = recommend(model, vocab, ["u"], history, top_k=6, exclude_seen=False)
+    assert kept["item_id"].tolist()[:2] in ([12, 14], [14, 12])
+    with torch.no_grad():
+        idx = vocab.index_of(pl.Series(history[0])).tolist()
+        plain = model.score_items(model.final_states(torch.tensor([idx]), torch.tensor([3])))[0]
+    top = kept.set_index("item_id")["score"]
+    assert top[12] == pytest.approx(float(plain[idx[0]]) + 100.0)
+    assert top[10] == pytest.approx(float(plain[0]))
+    masked = recommend(model, vocab, ["u"], history, top_k=6, exclude_seen=True)
+    assert set(masked["item_id"]) == {10, 11, 13, 15}

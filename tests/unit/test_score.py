@@ -40,10 +40,11 @@ def reference_recs(world, *, top_k, max_history, exclude_seen=True, excluded=(),
         for item in excluded:
             if item in index:
                 scores[index[item]] = -torch.inf
+        watched = {index[i] for i in items if i in index}
         if exclude_seen:
-            for item in items:
-                if item in index:
-                    scores[index[item]] = -torch.inf
+            scores[sorted(watched)] = -torch.inf
+        elif world.model.history_bias is not None and source == "model":
+            scores[sorted(watched)] += world.model.history_bias.item()  # once per watched item
         vals, idx = torch.topk(scores, top_k)
         keep = torch.isfinite(vals)
         out[user] = (world.vocab.item_ids.gather(idx[keep].numpy()).to_list(), vals[keep].numpy(), source)
@@ -118,6 +119,22 @@ def test_exclude_seen_off_keeps_watched_items(tmp_path):
     recs = read_recs(world.exports_dir, RUN_DATE).collect()
     assert_same(as_dict(recs), reference_recs(world, top_k=30, max_history=10, exclude_seen=False))
     assert recs.filter(pl.col(USER_ID) == 1)[ITEM_ID].is_in([100, 103, 107, 101]).sum() == 4
+
+
+@pytest.mark.parametrize("bias", [-50.0, 50.0])
+def test_learned_history_bias_moves_watched_items_when_they_are_not_excluded(tmp_path, bias):
+    world = make_world(tmp_path, score={"exclude_seen": False, "top_k": 8}, history_bias=bias)
+    score_users(world.config, model_uri=str(world.checkpoint), run_date=RUN_DATE)
+    recs = read_recs(world.exports_dir, RUN_DATE).collect()
+    assert_same(as_dict(recs), reference_recs(world, top_k=8, max_history=10, exclude_seen=False))
+    watched = recs.filter(pl.col(SOURCE) == "model").join(
+        make_events().select(USER_ID, ITEM_ID).unique(), on=[USER_ID, ITEM_ID], how="semi"
+    )
+    if bias < 0:  # watched items sink below every unwatched one
+        assert watched.height == 0
+    else:  # user 1 watched 4 known items: they now lead the list
+        first = recs.filter(pl.col(USER_ID) == 1).sort(RANK)[ITEM_ID].to_list()[:4]
+        assert sorted(first) == [100, 101, 103, 107]
 
 
 def test_popular_fallback_and_unknown_items(tmp_path):

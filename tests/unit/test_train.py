@@ -129,3 +129,27 @@ def test_refit_replaces_best_with_a_train_plus_valid_model_and_resume_redoes_a_k
     again = load_checkpoint(resumed.best_checkpoint)
     assert resumed.refit_epochs == full.refit_epochs
     assert all(torch.equal(again.model_state[k], refitted.model_state[k]) for k in refitted.model_state)
+
+
+@pytest.mark.parametrize("repeats", [False, True])
+def test_history_bias_learns_whether_the_data_repeat_items(tmp_path, repeats):
+    import numpy as np
+    from model_data import write_split_dir
+
+    rng = np.random.default_rng(3)
+    if repeats:  # every sequence cycles through its own three items: the next item was already seen
+        seqs = [[int(i) for i in rng.choice(40, 3, replace=False)] * 5 for _ in range(60)]
+    else:  # every sequence is a run of distinct items: a watched item never comes back
+        seqs = [[int(i) for i in rng.permutation(40)[:15]] for _ in range(60)]
+    split = write_split_dir(tmp_path / "split", seqs)
+    res = train_model(
+        _config(tmp_path, "train.epochs=2", "model.history_bias=true", "evaluate.exclude_seen=false"),
+        split, evaluate_test=False,
+    )
+    bias = float(load_checkpoint(res.best_checkpoint).model_state["history_bias"])
+    assert bias > 0.2 if repeats else bias < -0.2
+    plain = train_model(_config(tmp_path / "plain", "train.epochs=2", "evaluate.exclude_seen=false"), split,
+                        evaluate_test=False)
+    assert "history_bias" not in load_checkpoint(plain.best_checkpoint).model_state
+    if not repeats:  # ranking watched items down is what unmasked evaluation rewards here
+        assert res.history[-1]["valid"]["mrr@20"] > plain.history[-1]["valid"]["mrr@20"]
