@@ -249,6 +249,7 @@ def run_accuracy(
                 "train_seconds": seconds,
                 "events_per_second": float(np.mean([h["events_per_second"] for h in res.history])),
                 "valid_mrr@20": res.history[res.best_epoch - 1]["valid"]["mrr@20"],
+                "history_bias": res.history[res.best_epoch - 1].get("history_bias"),  # learned, or None
                 "load": load_avg(),
             }
             log(

@@ -321,11 +321,22 @@ def _start_run(config: Config, store: TrackingStore, split_dir: Path, checkpoint
         log_system_metrics=config.tracking.system_metrics, tags=tags,
     )
     try:
-        mlflow.log_params(flatten_config(config), run_id=run.info.run_id)
+        mlflow.log_params(flatten_config(config) | resolved_params(config), run_id=run.info.run_id)
     except Exception:
         mlflow.end_run(status="FAILED")
         raise
     return run.info.run_id
+
+
+def resolved_params(config: Config) -> dict[str, str]:
+    """The values that ``null`` (automatic) settings resolved to for this run, as MLflow params."""
+    from recsys.evaluate import resolve_exclude_seen
+    from recsys.train import resolve_mask_seen
+
+    return {
+        "resolved.evaluate.exclude_seen": str(resolve_exclude_seen(config)),
+        "resolved.train.mask_seen_negatives": str(resolve_mask_seen(config)),
+    }
 
 
 def tracked_training(

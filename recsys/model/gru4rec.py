@@ -6,6 +6,10 @@ position can be computed in one matmul (or, with ``embedding: none``, looked up 
 ``[n_items, gates * H]`` matrix, which is exactly a one-hot input times a weight matrix) and only the
 recurrent part runs position by position.
 
+``history_bias`` (``model.history_bias``, an extension, not in the papers) is one learned scalar added
+to the scores of items already in the sequence; the training step, evaluation and scoring supply the
+history, since ``score_items`` sees only the state.
+
 Hidden state layout: ``[n_layers, B, H]`` for gru/rnn, ``[n_layers, B, 2H]`` for lstm (h then c), so a
 slot reset is one multiply by a keep mask.
 """
