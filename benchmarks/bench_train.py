@@ -226,8 +226,8 @@ def run_accuracy(
                     f"train.device={device}",
                     f"train.run_name=bench-{protocol}-{view}-{seed}",
                     f"evaluate.exclude_seen={str(masked).lower()}",
-                    *view_extra,
                     *extra,
+                    *view_extra,  # last: a view's own settings win over --set
                 ],
                 profile=profile,
             )
