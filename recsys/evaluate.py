@@ -55,8 +55,11 @@ class Recommender(Protocol):
 
 @runtime_checkable
 class HistoryAware(Protocol):
-    """A recommender whose scores also depend on which items a query's history holds (not only on its
-    state): GRU4Rec with ``model.history_bias``. Applied only when history items are not masked anyway."""
+    """A recommender whose scores may also depend on which items a query's history holds (not only on its
+    state): GRU4Rec with ``model.history_bias``. Applied only when history items are not masked anyway;
+    ``uses_history`` False (no bias learnt) spares the evaluator building the history pairs."""
+
+    uses_history: bool
 
     def add_history_bias(self, scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None: ...
 
@@ -167,7 +170,7 @@ def evaluate_recommender(
     targets = seqs.items[seqs.offsets[seq] + pos]  # [Q]
     n_queries = len(seq)
     states = rec.encode_queries(seqs)  # [Q, D]
-    history_aware = isinstance(rec, HistoryAware)
+    history_aware = isinstance(rec, HistoryAware) and rec.uses_history
     if states.shape[0] != n_queries:
         raise ValueError(f"{rec.name}: encode_queries gave {states.shape[0]} states for {n_queries} queries")
 

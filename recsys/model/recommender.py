@@ -31,6 +31,7 @@ class GRU4RecRecommender:
         self.name = name
         self.n_items = model.n_items
         self.max_cells = max_cells  # padded positions fed per batch (bounds memory of [b, L, H])
+        self.uses_history = model.history_bias is not None  # scores shift for history items (HistoryAware)
 
     @torch.no_grad()
     def encode_queries(self, seqs: SequenceSet) -> Tensor:

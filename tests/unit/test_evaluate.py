@@ -122,6 +122,8 @@ def test_target_in_its_own_history_is_a_miss_when_masked():
 class FixedScoresWithHistoryBias(FixedScores):
     """FixedScores plus a constant added to each history item once (a learned repeat offset)."""
 
+    uses_history = True
+
     def __init__(self, scores, bias: float):
         super().__init__(scores)
         self.bias = bias
@@ -153,6 +155,10 @@ def test_history_bias_moves_history_items_once_and_only_when_not_masked(chunk_si
     masked = evaluate_recommender(boosted, make_seqs(THREE_QUERIES), cutoffs=(1, 2, 3), exclude_seen=True,
                                   chunk_size=chunk_size)
     assert masked["mrr@3"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)  # ... but masking wins: ranks [2, 3, 1]
+    boosted.uses_history = False  # a model without a learnt bias: scores as they are, ranks [3, 5, 1]
+    m = evaluate_recommender(boosted, make_seqs(THREE_QUERIES), cutoffs=(1, 2, 3), exclude_seen=False,
+                             chunk_size=chunk_size)
+    assert m["mrr@3"] == pytest.approx((1 / 3 + 1) / 3)
 
 
 def test_masked_items_are_never_recommended_and_cutoff_beyond_catalogue():
