@@ -143,6 +143,17 @@ def _run_epoch(
     return loss, plan.n_events, time.perf_counter() - t0
 
 
+def _fresh_model(
+    config: Config, vocab: Vocab, device: torch.device
+) -> tuple[GRU4Rec, SessionParallelTrainer]:
+    """A seeded new model and its trainer: the selection run and the refit start from the same weights."""
+    torch.manual_seed(config.train.seed)
+    model = GRU4Rec(len(vocab), config.model).to(device)
+    mask_seen = resolve_mask_seen(config)
+    trainer = SessionParallelTrainer(model, config.train, vocab.counts, device, mask_seen=mask_seen)
+    return model, trainer
+
+
 def _refit(config: Config, split_dir: Path, vocab: Vocab, epochs: int, device: torch.device, best_path: Path,
            metrics: dict[str, Any], extra: dict[str, Any]) -> None:
     """Train a fresh model on train + valid for ``epochs`` epochs and make it ``best_path``.
@@ -155,9 +166,7 @@ def _refit(config: Config, split_dir: Path, vocab: Vocab, epochs: int, device: t
     """
     cfg = config.train
     seqs = load_train_and_valid(split_dir / TRAIN_FILE, split_dir / VALID_FILE, vocab)
-    torch.manual_seed(cfg.seed)
-    model = GRU4Rec(len(vocab), config.model).to(device)
-    trainer = SessionParallelTrainer(model, cfg, vocab.counts, device, mask_seen=resolve_mask_seen(config))
+    model, trainer = _fresh_model(config, vocab, device)
     for epoch in range(1, epochs + 1):
         loss, n_events, seconds = _run_epoch(trainer, seqs, cfg, epoch, device)
         log.info("refit epoch %d/%d on train + valid: loss %.4f, %.0f events/s", epoch, epochs, loss,
@@ -220,9 +229,7 @@ def train_model(
     if n_items == 0 or train.lengths.max(initial=0) < 2:
         raise ValueError(f"{split_dir}: no training sequence with two or more known items")
 
-    torch.manual_seed(cfg.seed)
-    model = GRU4Rec(n_items, config.model).to(device)
-    trainer = SessionParallelTrainer(model, cfg, vocab.counts, device, mask_seen=resolve_mask_seen(config))
+    model, trainer = _fresh_model(config, vocab, device)
     history: list[dict[str, Any]] = []
     best_metric, best_epoch, bad_epochs, start_epoch, finished = -1.0, 0, 0, 1, False
 
