@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from recsys.config import PROFILE_ENV, Config, ConfigError, load_config
 
@@ -45,13 +46,13 @@ def load_cli_config(conf: Path | None, overrides: list[str] | None) -> Config:
     try:
         return load_config(conf, overrides or [])
     except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
+        console.print(f"[red]config error:[/red] {escape(str(exc))}", soft_wrap=True)  # never wrapped
         raise typer.Exit(2) from None
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a clear error and return the Exit to raise."""
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # never wrapped
     return typer.Exit(code)
 
 
