@@ -1,4 +1,4 @@
-"""Batch-scoring benchmark: ``recsys.score.score_users`` on synthetic histories vs one user at a time.
+"""Batch-scoring benchmark: ``recsys.serving.score.score_users`` on synthetic histories vs one user at a time.
 
 For each size (users x items) a child process writes random events (Zipf item popularity, geometric
 history lengths, hive-partitioned by day) and a randomly initialised GRU4Rec checkpoint; a second child
@@ -120,7 +120,7 @@ def generate(work: Path, n_users: int, n_items: int, mean_history: float, hidden
 def score(work: Path, top_k: int, device: str, threads: int | None, sets: list[str]) -> dict:
 
     from recsys.config import load_config
-    from recsys.score import score_users
+    from recsys.serving.score import score_users
 
     config = load_config(REPO / "conf", [f"paths.data_root={work / 'data'}", f"score.top_k={top_k}",
                                          f"score.device={device}", *sets,

@@ -207,10 +207,10 @@ def run_accuracy(
     learns one offset for them); "unmasked-plain" is that view without the history bias, when the
     configuration has it on. Baselines once per view.
     """
-    from recsys.evaluate import evaluate_all
     from recsys.model.checkpoint import build_model, load_checkpoint
     from recsys.model.recommender import GRU4RecRecommender
-    from recsys.train import train_model
+    from recsys.training.evaluate import evaluate_all
+    from recsys.training.train import train_model
 
     with_bias = bench_config(root, protocol, list(extra), profile=profile).model.history_bias
     views = VIEWS if with_bias else VIEWS[:2]
@@ -290,7 +290,7 @@ def run_speed(split_dir: Path, root: Path, device: str, threads: int | None, log
     from recsys.model.batching import plan_epoch
     from recsys.model.gru4rec import GRU4Rec
     from recsys.model.step import SessionParallelTrainer
-    from recsys.train import _cpu_threads
+    from recsys.training.train import _cpu_threads
 
     cfg = bench_config(root, "leave_one_out", [*SPEED_OVERRIDES, f"train.device={device}"], profile=None)
     dev = resolve_device(cfg.train.device)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import DEFAULT_DATA, bench_config, load_avg, prepare_split  # noqa: E402
 
-from recsys.train import train_model  # noqa: E402
+from recsys.training.train import train_model  # noqa: E402
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ PROMOTION_KEY = "promotion-decision"
 @task(name="promote-challenger", cache_policy=NO_CACHE)
 def promote_task(config: Config) -> dict[str, Any]:
     """Compare @challenger with @champion (and most-popular); move the alias when the gate passes."""
-    from recsys.registry import promote
+    from recsys.tracking.promotion import promote
 
     return as_plain(promote(config))
 

@@ -34,7 +34,7 @@ def champion_uri(config: Config, alias: str) -> str:
 @task(name="score-users", cache_policy=NO_CACHE)
 def score_task(config: Config, model_uri: str, run_date: date) -> dict[str, Any]:
     """Single-process scoring and publication; returns the export manifest."""
-    from recsys.score import score_users
+    from recsys.serving.score import score_users
 
     return as_plain(score_users(config, model_uri=model_uri, run_date=run_date))
 
@@ -44,7 +44,7 @@ def score_shard_task(
     config: Config, model_uri: str, run_date: date, shard: int, n_shards: int
 ) -> dict[str, Any]:
     """Score one shard of the users into the export's staging area; returns the shard's small summary."""
-    from recsys.score_shards import score_shard
+    from recsys.serving.shards import score_shard
 
     return as_plain(score_shard(config, model_uri, run_date, shard=shard, n_shards=n_shards))
 
@@ -52,7 +52,7 @@ def score_shard_task(
 @task(name="publish-shards", cache_policy=NO_CACHE)
 def publish_shards_task(config: Config, run_date: date, shards: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge the shards' outputs, validate and publish the export atomically; returns the manifest."""
-    from recsys.score_shards import publish_shards
+    from recsys.serving.shards import publish_shards
 
     return as_plain(publish_shards(config, shards, run_date=run_date))
 

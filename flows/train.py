@@ -48,7 +48,7 @@ def split_task(config: Config) -> dict[str, Any]:
 
 def training_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """One training per (run date, resolved config, tracking store, split data): a re-run reuses it."""
-    from recsys.tracking import resolve_tracking_uri
+    from recsys.tracking.store import resolve_tracking_uri
 
     config: Config = parameters["config"]
     split = config.paths.split_dir
@@ -70,7 +70,7 @@ def training_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 )
 def train_task(config: Config, run_date: str) -> dict[str, Any]:
     """Train GRU4Rec with MLflow tracking; registers a model version as @challenger."""
-    from recsys.tracking import tracked_training
+    from recsys.tracking.runs import tracked_training
 
     return as_plain(tracked_training(config))
 
@@ -78,7 +78,7 @@ def train_task(config: Config, run_date: str) -> dict[str, Any]:
 @task(name="mlflow-run-url", cache_policy=NO_CACHE)
 def run_url_task(config: Config, run_id: str) -> str:
     """Link to the run in the MLflow UI (the tracking server, or `recsys ui` for the local store)."""
-    from recsys.tracking import connect
+    from recsys.tracking.store import connect
 
     store = connect(config)
     base = LOCAL_UI_URL if store.embedded else store.uri.rstrip("/")

@@ -1,4 +1,4 @@
-"""GRU4Rec behind the evaluation ``Recommender`` protocol (recsys.evaluate).
+"""GRU4Rec behind the evaluation ``Recommender`` protocol (recsys.training.evaluate).
 
 A query at position ``pos`` of a sequence is represented by the network output after feeding
 ``items[:pos]``, i.e. the output at position ``pos - 1``. Every sequence is fed once, up to its last

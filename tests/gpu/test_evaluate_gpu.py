@@ -5,9 +5,9 @@ import polars as pl
 import pytest
 import torch
 
-from recsys.baselines import ItemKNN, MostPopular
 from recsys.data.sequences import SequenceSet
-from recsys.evaluate import evaluate_recommender
+from recsys.training.baselines import ItemKNN, MostPopular
+from recsys.training.evaluate import evaluate_recommender
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -11,7 +11,7 @@ from model_data import cyclic_sequences, write_split_dir  # noqa: E402
 
 from recsys.config import load_config  # noqa: E402
 from recsys.model.checkpoint import build_model, load_checkpoint  # noqa: E402
-from recsys.train import train_model  # noqa: E402
+from recsys.training.train import train_model  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TINY = ["model.hidden_size=16", "train.batch_size=8", "train.n_sample=16", "sessions.mode=user"]

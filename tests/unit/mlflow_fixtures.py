@@ -37,7 +37,7 @@ def make_world(root: Path, **sections: dict) -> Config:
 
 def train_checkpoint(config: Config, name: str, epochs: int) -> Path:
     """``train_model`` into checkpoints/<name>/ and return its best.pt."""
-    from recsys.train import train_model
+    from recsys.training.train import train_model
 
     trial = config.model_copy(deep=True)
     trial.train.epochs = epochs

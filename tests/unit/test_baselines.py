@@ -9,10 +9,10 @@ import polars as pl
 import pytest
 import torch
 
-from recsys.baselines import ItemKNN, MostPopular, fit_baselines
 from recsys.config import Config
 from recsys.data.sequences import SequenceSet
-from recsys.evaluate import Recommender, evaluate_recommender
+from recsys.training.baselines import ItemKNN, MostPopular, fit_baselines
+from recsys.training.evaluate import Recommender, evaluate_recommender
 
 
 def make_seqs(seqs: list[list[int]], n_context: list[int] | None = None) -> SequenceSet:

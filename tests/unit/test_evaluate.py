@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from recsys.config import Config
 from recsys.data.sequences import SequenceSet
 from recsys.data.vocab import Vocab
-from recsys.evaluate import (
+from recsys.training.evaluate import (
     HistoryAware,
     Recommender,
     canonical_topk,

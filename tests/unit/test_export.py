@@ -10,8 +10,9 @@ from datetime import date
 import polars as pl
 import pytest
 
-from recsys import export
-from recsys.export import (
+from recsys.schemas import ITEM_ID, MANIFEST_FILE, RANK, SCORE, USER_ID
+from recsys.serving import export
+from recsys.serving.export import (
     ExportValidationError,
     RecsChecks,
     complete_partitions,
@@ -22,7 +23,6 @@ from recsys.export import (
     snapshot_hash,
     validate_recs,
 )
-from recsys.schemas import ITEM_ID, MANIFEST_FILE, RANK, SCORE, USER_ID
 
 DAY = date(2026, 3, 10)
 
@@ -200,7 +200,7 @@ def test_rows_in_any_order_are_validated_the_same(tmp_path):
 CHILD = '''
 import sys, numpy as np, polars as pl
 from datetime import date
-from recsys.export import publish_recs, RecsChecks
+from recsys.serving.export import publish_recs, RecsChecks
 n, k = 100_000, 20
 recs = pl.DataFrame({
     "user_id": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(1, k + 1, dtype=np.int16), n),

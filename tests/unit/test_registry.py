@@ -21,16 +21,10 @@ from mlflow_fixtures import constant_checkpoint, make_world, train_checkpoint
 
 from recsys.model.checkpoint import build_model, load_checkpoint
 from recsys.model.pyfunc import recommend
-from recsys.registry import (
-    CHALLENGER,
-    CHAMPION,
-    RegistryError,
-    decide,
-    promote,
-    register_checkpoint,
-    resolve_model,
-)
-from recsys.tracking import resolve_tracking_uri
+from recsys.tracking.promotion import decide, promote
+from recsys.tracking.registry import CHALLENGER, CHAMPION, RegistryError, resolve_model
+from recsys.tracking.runs import register_checkpoint
+from recsys.tracking.store import resolve_tracking_uri
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from score_fixtures import KNOWN_ITEMS, RUN_DATE, make_events, make_world
 
-from recsys.export import complete_partitions, partition_dir, read_recs
 from recsys.schemas import ITEM_ID, MANIFEST_FILE, RANK, SCORE, SOURCE, TS, USER_ID
-from recsys.score import score_users
+from recsys.serving.export import complete_partitions, partition_dir, read_recs
+from recsys.serving.score import score_users
 
 
 def reference_recs(world, *, top_k, max_history, exclude_seen=True, excluded=(), history_days=None):
@@ -224,7 +224,7 @@ def test_bfloat16_precision_and_threads_setting(tmp_path):
 
 @pytest.mark.parametrize("n, k", [(5000, 20), (4103, 7), (300, 20), (2560, 10)])
 def test_block_topk_equals_torch_topk(n, k):
-    from recsys.score import block_topk
+    from recsys.serving.score import block_topk
 
     g = torch.Generator().manual_seed(n)
     scores = torch.randn(33, n, generator=g)
@@ -247,7 +247,7 @@ def test_run_date_before_all_events_fails_clearly(tmp_path):
 
 
 def test_champion_by_default_and_registry_name_version_in_export(tmp_path, monkeypatch):
-    import recsys.registry as registry
+    import recsys.tracking.registry as registry
 
     world = make_world(tmp_path)
     asked = []

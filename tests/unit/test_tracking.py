@@ -15,9 +15,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow_fixtures import free_port, make_config, make_world
 
-from recsys.lineage import snapshot_hash
-from recsys.registry import CHALLENGER, register_checkpoint
-from recsys.tracking import TrackingUnavailableError, resolve_tracking_uri, tracked_training
+from recsys.tracking.lineage import snapshot_hash
+from recsys.tracking.registry import CHALLENGER
+from recsys.tracking.runs import register_checkpoint, tracked_training
+from recsys.tracking.store import TrackingUnavailableError, resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,7 +122,7 @@ _TRAIN_ONE = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from mlflow_fixtures import make_config
-from recsys.tracking import tracked_training
+from recsys.tracking.runs import tracked_training
 config = make_config(__import__("pathlib").Path({root!r}), train={{"run_name": sys.argv[1]}})
 print(json.dumps(tracked_training(config)["run_id"]))
 """
@@ -151,7 +152,7 @@ def test_two_training_processes_at_once_are_both_recorded(tmp_path):
 
 
 def test_tune_nested_runs_best_child_and_resume(tracked, tmp_path):
-    from recsys.tune import tune
+    from recsys.training.tune import tune
 
     config = on_shared_store(tracked, tmp_path / "data", "tune",
                              tune={"n_trials": 2, "epochs": 1, "prune": False})
@@ -173,7 +174,7 @@ def test_tune_nested_runs_best_child_and_resume(tracked, tmp_path):
 
 def test_resume_continues_the_killed_run(tracked, tmp_path, monkeypatch):
     """Killed after epoch 1; ``resume=True`` continues the same checkpoint and the same MLflow run."""
-    import recsys.tracking as tracking
+    import recsys.tracking.runs as tracking
 
     config = on_shared_store(tracked, tmp_path / "data", "resume", train={"epochs": 3},
                              tracking={"system_metrics": False})

@@ -5,7 +5,8 @@ from model_data import cyclic_sequences, write_split_dir
 import recsys.model.step as step_module
 from recsys.config import load_config
 from recsys.model.checkpoint import load_checkpoint
-from recsys.train import NonFiniteLossError, _cpu_threads, resolve_mask_seen, train_model
+from recsys.training.epochs import _cpu_threads
+from recsys.training.train import NonFiniteLossError, resolve_mask_seen, train_model
 
 TINY = [
     "model.hidden_size=16",
@@ -107,7 +108,7 @@ def test_mask_seen_negatives_follows_the_exclude_seen_rule_unless_set(tmp_path):
 def test_refit_replaces_best_with_a_train_plus_valid_model_and_resume_redoes_a_killed_refit(
     tmp_path, split_dir, monkeypatch
 ):
-    import recsys.train as train_module
+    import recsys.training.train as train_module
 
     sets = ["train.epochs=2", "train.patience=9", "train.refit=true"]
     full = train_model(_config(tmp_path / "a", *sets), split_dir, evaluate_test=False)

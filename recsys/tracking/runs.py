@@ -1,202 +1,42 @@
-"""MLflow tracking: where runs go, and a training run recorded end to end.
+"""A training run recorded in MLflow end to end: params once, metrics per epoch, artifacts, the model.
 
-The default store is embedded (a SQLite file and an artifact folder under ``paths.data_root/mlflow``) so
-nothing has to be started by hand; ``tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` point at a
-real server instead. Every call to the store goes through :func:`with_retries` (bounded, exponential
-backoff) and MLflow's own HTTP retries are capped, so an unreachable server produces a clear error in
-seconds instead of hanging a run. Training never depends on the store: if it is down, the checkpoint is
-kept and the error says how to register it later.
+Training never depends on the store: if it is down before, during or after training, the checkpoint is
+kept and the error names the ``recsys register`` command that records it later
+(:func:`register_checkpoint`).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import fcntl
+import logging
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
-# Before mlflow is imported anywhere through this module: no telemetry, and HTTP calls that give up
-# quickly (our own retries below are the bounded ones). Values set by the user win.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+import mlflow  # noqa: E402  (after recsys.tracking.store, which sets MLflow's environment first)
 
-import contextlib  # noqa: E402
-import fcntl  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator, Mapping  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, TypeVar  # noqa: E402
-
-import mlflow  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-
-from recsys.config import Config, config_to_yaml, flatten_config  # noqa: E402
-from recsys.lineage import lineage_tags  # noqa: E402
-from recsys.run_report import (  # noqa: E402
+from recsys.config import Config, config_to_yaml, flatten_config
+from recsys.schemas import STATS_FILE
+from recsys.tracking.lineage import lineage_tags
+from recsys.tracking.registry import log_and_register
+from recsys.tracking.run_report import (
     metric_key,
     metrics_markdown,
     numeric_items,
     write_epoch_csv,
     write_epoch_plot,
 )
-from recsys.schemas import STATS_FILE  # noqa: E402
+from recsys.tracking.store import (
+    TrackingStore,
+    TrackingUnavailableError,
+    connect,
+    resolve_tracking_uri,
+    with_retries,
+)
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-DB_FILE = "mlflow.db"
-ARTIFACTS_DIR = "artifacts"
-# MLflow error codes that a later attempt may not see again (server down, overloaded, DB locked).
-TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
-
-
-class TrackingUnavailableError(RuntimeError):
-    """The tracking store could not be reached after the configured retries."""
-
-
-@dataclass(frozen=True)
-class TrackingStore:
-    """A reachable tracking store and the experiment runs go to."""
-
-    uri: str
-    experiment: str
-    experiment_id: str
-    artifact_location: str | None  # set for the embedded store only
-
-    @property
-    def client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-
-    @property
-    def embedded(self) -> bool:
-        return self.uri.startswith("sqlite:")
-
-
-def resolve_tracking_uri(config: Config) -> str:
-    """``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the SQLite file under the data root."""
-    if config.tracking.tracking_uri:
-        return config.tracking.tracking_uri
-    if env := os.environ.get("MLFLOW_TRACKING_URI"):
-        return env
-    return f"sqlite:///{(config.paths.mlflow_dir / DB_FILE).resolve()}"
-
-
-def embedded_artifact_location(config: Config) -> str:
-    """``file://`` URI of the artifact folder next to the embedded database."""
-    path = (config.paths.mlflow_dir / ARTIFACTS_DIR).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path.as_uri()
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: connection failures, timeouts, a locked SQLite database, a 5xx from the server."""
-    if isinstance(exc, MlflowException):
-        return exc.error_code in TRANSIENT_CODES
-    if isinstance(exc, OSError):
-        return True
-    try:
-        from sqlalchemy.exc import OperationalError
-
-        if isinstance(exc, OperationalError):
-            return True
-    except ImportError:  # sqlalchemy is an mlflow dependency; absent only with mlflow-skinny
-        pass
-    try:
-        import requests
-
-        return isinstance(exc, requests.RequestException)
-    except ImportError:
-        return False
-
-
-def _short(exc: BaseException, limit: int = 160) -> str:
-    line = (str(exc).splitlines() or [type(exc).__name__])[0]
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def with_retries(fn: Callable[[], T], config: Config, what: str, uri: str | None = None) -> T:
-    """Call ``fn``; on transient errors retry ``tracking.retries`` times with doubling backoff.
-
-    The final failure is a :class:`TrackingUnavailableError` naming the URI and the last error.
-    """
-    uri = uri or resolve_tracking_uri(config)
-    attempts = config.tracking.retries + 1
-    delay = config.tracking.retry_backoff_seconds
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            if attempt == attempts:
-                raise TrackingUnavailableError(
-                    f"MLflow tracking store {uri} is unreachable ({what} failed {attempts} time(s)); "
-                    f"last error: {_short(exc)}"
-                ) from exc
-            logger.warning("%s against %s failed (attempt %d/%d), retrying in %.1f s: %s",
-                           what, uri, attempt, attempts, delay, _short(exc))
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")  # the loop either returns or raises
-
-
-@contextlib.contextmanager
-def _init_lock(config: Config, uri: str) -> Iterator[None]:
-    """Serialise first-time creation of the embedded database between processes (table creation races)."""
-    if not uri.startswith("sqlite:"):
-        yield
-        return
-    lock_dir = config.paths.mlflow_dir
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with (lock_dir / ".init.lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException as exc:  # created by a concurrent process in between
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        experiment = client.get_experiment_by_name(name)
-        assert experiment is not None
-        return experiment.experiment_id
-
-
-def connect(config: Config) -> TrackingStore:
-    """Point MLflow (tracking and registry) at the configured store and make sure the experiment exists.
-
-    Raises :class:`TrackingUnavailableError` after the configured retries when the store is unreachable.
-    """
-    uri = resolve_tracking_uri(config)
-    artifact_location = embedded_artifact_location(config) if uri.startswith("sqlite:") else None
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-
-    def open_store() -> str:
-        # Creating the client creates (and migrates) the tables of an embedded database; the registry
-        # store does the same on first use: both happen here, under the lock.
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_registered_models(max_results=1)
-        return _ensure_experiment(client, config.tracking.experiment, artifact_location)
-
-    with _init_lock(config, uri):
-        experiment_id = with_retries(open_store, config, "opening the experiment", uri)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return TrackingStore(uri, config.tracking.experiment, experiment_id, artifact_location)
-
-
-# --- a training run --------------------------------------------------------------------------------
 
 
 class EpochLogger:
@@ -330,8 +170,8 @@ def _start_run(config: Config, store: TrackingStore, split_dir: Path, checkpoint
 
 def resolved_params(config: Config) -> dict[str, str]:
     """The values that ``null`` (automatic) settings resolved to for this run, as MLflow params."""
-    from recsys.evaluate import resolve_exclude_seen
-    from recsys.train import resolve_mask_seen
+    from recsys.training.evaluate import resolve_exclude_seen
+    from recsys.training.train import resolve_mask_seen
 
     return {
         "resolved.evaluate.exclude_seen": str(resolve_exclude_seen(config)),
@@ -351,8 +191,7 @@ def tracked_training(
     ``recsys register`` command. ``resume=True`` continues both the checkpoint (``train_model``) and its
     unfinished MLflow run. ``checkpoint_dir`` defaults to ``checkpoints/<train.run_name>``.
     """
-    from recsys.registry import log_and_register
-    from recsys.train import train_model
+    from recsys.training.train import train_model
 
     split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
     checkpoint_dir = Path(checkpoint_dir or config.paths.checkpoints_dir / config.train.run_name).resolve()
@@ -421,3 +260,41 @@ def _finish_run(config: Config, split_dir: Path, result: Any, metrics: dict[str,
     mlflow.log_metrics(metrics, run_id=run_id)
     _log_run_artifacts(config, split_dir, list(result.history), result.test_metrics,
                        result.baseline_metrics, run_id)
+
+
+def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]:
+    """Record an existing checkpoint (e.g. trained while the tracking server was down) as a run + version.
+
+    Params come from the checkpoint's own config (what trained it), metrics from what it stored; the
+    current config decides where it is tracked and under which registered model name.
+    """
+    from recsys.model.checkpoint import load_checkpoint
+
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"{checkpoint_path} does not exist")
+    ckpt = load_checkpoint(checkpoint_path)  # fail before touching the store if it is unreadable
+    store = connect(config)
+    tags = {"recsys.kind": "register", "checkpoint": str(checkpoint_path.resolve()),
+            "seed": str(ckpt.config.train.seed), "n_items": str(ckpt.n_items)}
+    if config.paths.split_dir.is_dir():
+        tags.update(lineage_tags(config.paths.split_dir, config.paths.events_dir, ckpt.config.train.seed))
+    run = with_retries(
+        lambda: mlflow.start_run(experiment_id=store.experiment_id, run_name="register", tags=tags),
+        config, "starting the run", store.uri,
+    )
+    try:
+        mlflow.log_params(flatten_config(ckpt.config))
+        metrics = numeric_items(ckpt.metrics)
+        if metrics:
+            mlflow.log_metrics(metrics, step=ckpt.epoch)
+        for entry in (ckpt.extra or {}).get("history", []):
+            mlflow.log_metrics(epoch_metrics(entry), step=int(entry.get("epoch", 0)))
+        version = log_and_register(config, checkpoint_path, run.info.run_id)
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+    return {"run_id": run.info.run_id, "model_version": str(version.version),
+            "registered_model": version.name, "metrics": metrics, "checkpoint": str(checkpoint_path),
+            "tracking_uri": store.uri}

@@ -2,13 +2,14 @@
 
 Pipeline (no per-user Python loop anywhere):
 
-1. histories  one polars scan + sort of the events (``recsys.history``) -> CSR index arrays;
+1. histories  one polars scan + sort of the events (``recsys.serving.histories``) -> CSR index arrays;
 2. encoding   users sorted by history length, ``user_batch_size`` at a time, right-padded into one
               [B, L] matrix (little padding thanks to the sort) -> ``model.final_states`` [B, H];
 3. ranking    ``model.score_items`` on sub-batches of ``chunk_elements / n_items`` users (full catalogue,
               memory bounded by the chunk), already-watched and withdrawn items set to -inf, top-K by
               ``block_topk`` (same values as ``torch.topk``, ~2x faster on CPU);
-4. export     long-format frame with original ids -> ``recsys.export.publish_recs`` (validate, atomic).
+4. export     long-format frame with original ids -> ``recsys.serving.export.publish_recs``
+              (validate, atomic).
 
 Users without a usable history (no events in the window, or only items the model does not know) get the
 most-popular list (training counts; score = count), with the same exclusions, ``source = "popular"``.
@@ -42,8 +43,6 @@ import torch
 from recsys.config import Config
 from recsys.data.vocab import Vocab
 from recsys.device import resolve_device
-from recsys.export import RecsChecks, publish_recs, snapshot_hash
-from recsys.history import Histories, event_files, load_histories
 from recsys.schemas import (
     ITEM_ID,
     MODEL_NAME,
@@ -54,6 +53,8 @@ from recsys.schemas import (
     SOURCE,
     USER_ID,
 )
+from recsys.serving.export import RecsChecks, publish_recs, snapshot_hash
+from recsys.serving.histories import Histories, event_files, load_histories
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def default_model_uri(config: Config) -> str:
 def load_model(config: Config, model_uri: str, device: torch.device) -> LoadedModel:
     """Resolve a model URI (registry alias/version, run, or local checkpoint) and build it on ``device``."""
     from recsys.model.checkpoint import build_model, load_checkpoint
-    from recsys.registry import resolve_model
+    from recsys.tracking.registry import resolve_model
 
     resolved = resolve_model(config, model_uri)
     path = Path(resolved.checkpoint_path)

@@ -5,7 +5,7 @@ can run the shards on different workers. Each shard is a contiguous range of the
 have events before the run date's cutoff — exactly the population and order ``score_users`` uses — so
 concatenating the shards in shard order reproduces the single-process frame row for row.
 
-Each shard runs the unchanged ``recsys.score.score_users`` with a users file, publishing into its own
+Each shard runs the unchanged ``recsys.serving.score.score_users`` with a users file, publishing into its own
 staging folder (validated there, including the already-watched check that needs the histories); the
 merge re-validates the whole frame and publishes it atomically once, with one manifest. Only paths and
 small dicts go in and out, so shards can run in other processes or on other machines sharing the data.
@@ -22,9 +22,16 @@ from typing import Any
 import polars as pl
 
 from recsys.config import Config
-from recsys.export import DATA_FILE, RecsChecks, partition_dir, publish_recs, read_manifest, snapshot_hash
-from recsys.history import event_files
 from recsys.schemas import ITEM_ID, RANK, TS, USER_ID
+from recsys.serving.export import (
+    DATA_FILE,
+    RecsChecks,
+    partition_dir,
+    publish_recs,
+    read_manifest,
+    snapshot_hash,
+)
+from recsys.serving.histories import event_files
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,7 @@ def shard_dir(config: Config, run_date: date, shard: int, n_shards: int) -> Path
 def shard_users(config: Config, run_date: date, shard: int, n_shards: int,
                 events_dir: Path | None = None) -> pl.Series:
     """The ``shard``-th of ``n_shards`` contiguous ranges of the sorted users with events before cutoff."""
-    from recsys.score import history_cutoff
+    from recsys.serving.score import history_cutoff
 
     if not 0 <= shard < n_shards:
         raise ValueError(f"shard {shard} out of range for {n_shards} shards")
@@ -74,7 +81,7 @@ def score_shard(
     events_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score one shard into its staging folder; returns ``{"shard", "dir", "rows", "users"}``."""
-    from recsys.score import score_users
+    from recsys.serving.score import score_users
 
     run_date = run_date or datetime.now(UTC).date()
     folder = shard_dir(config, run_date, shard, n_shards)
@@ -138,7 +145,7 @@ def publish_shards(
     }
     excluded = None
     if sc.exclude_items_file:
-        from recsys.score import read_id_file
+        from recsys.serving.score import read_id_file
 
         excluded = read_id_file(sc.exclude_items_file, ITEM_ID)
     # The already-watched check ran in every shard (it needs the histories); here: ranks, uniqueness,

@@ -1,6 +1,6 @@
 """Baselines reported beside the GRU in every evaluation: most-popular and session item-kNN.
 
-Both implement :class:`recsys.evaluate.Recommender` structurally (no import needed) and are fitted on the
+Both implement :class:`recsys.training.protocol.Recommender` structurally and are fitted on the
 training :class:`SequenceSet` only.
 """
 
@@ -17,7 +17,7 @@ from recsys.data.sequences import SequenceSet
 
 if TYPE_CHECKING:
     from recsys.config import Config
-    from recsys.evaluate import Recommender
+    from recsys.training.protocol import Recommender
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from recsys.data.sequences import SequenceSet, load_sequences
 from recsys.data.vocab import Vocab
 from recsys.schemas import TEST_FILE, TRAIN_FILE, VALID_FILE, VOCAB_FILE
+from recsys.training.protocol import HistoryAware, Recommender
 
 if TYPE_CHECKING:
     from recsys.config import Config
@@ -33,35 +34,6 @@ log = logging.getLogger(__name__)
 SPLIT_FILES = {"train": TRAIN_FILE, "valid": VALID_FILE, "test": TEST_FILE}
 # Counts that SequenceSet.dropped may hold for targets that exist in the data but cannot be ranked.
 LOST_TARGET_KEYS = ("unseen_target", "no_history")
-
-
-@runtime_checkable
-class Recommender(Protocol):
-    """Anything that scores the full catalogue for a query.
-
-    ``encode_queries`` returns one state row per query of ``seqs.queries()``, canonical order (the GRU's
-    final hidden state, the last item's index for item-kNN, a dummy for most-popular). ``score`` maps a
-    chunk of states to scores over every item (higher = better) and returns a tensor the caller owns:
-    the evaluator masks it in place.
-    """
-
-    name: str
-    n_items: int
-
-    def encode_queries(self, seqs: SequenceSet) -> torch.Tensor: ...  # [Q, D]
-
-    def score(self, states: torch.Tensor) -> torch.Tensor: ...  # [b, D] -> [b, n_items]
-
-
-@runtime_checkable
-class HistoryAware(Protocol):
-    """A recommender whose scores may also depend on which items a query's history holds (not only on its
-    state): GRU4Rec with ``model.history_bias``. Applied only when history items are not masked anyway;
-    ``uses_history`` False (no bias learnt) spares the evaluator building the history pairs."""
-
-    uses_history: bool
-
-    def add_history_bias(self, scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None: ...
 
 
 def resolve_exclude_seen(config: Config) -> bool:
@@ -274,7 +246,7 @@ def evaluate_all(
     recommenders, then item-kNN, then most-popular. ``vocab`` (e.g. a checkpoint's) replaces the split's
     vocabulary when the model was trained with its own.
     """
-    from recsys.baselines import fit_baselines
+    from recsys.training.baselines import fit_baselines
 
     split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
     if vocab is not None and (split_dir / VOCAB_FILE).exists():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import Config, ConfigError, flatten_config
-from recsys.run_report import metric_key
+from recsys.tracking.run_report import metric_key
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ def tune(config: Config) -> dict[str, Any]:
     import mlflow
     import optuna
 
-    from recsys.tracking import EpochLogger, connect
+    from recsys.tracking.runs import EpochLogger
+    from recsys.tracking.store import connect
 
     space = check_space(config)
     tcfg = config.tune
@@ -177,7 +178,7 @@ def _objective(trial: Any, config: Config, space: dict, parent_run_id: str, epoc
     import mlflow
     import optuna
 
-    from recsys.train import train_model
+    from recsys.training.train import train_model
 
     tcfg = config.tune
     values = suggest(trial, space)

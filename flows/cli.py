@@ -1,0 +1,76 @@
+"""The full ``recsys`` console script: the library's commands plus the ones that start Prefect.
+
+``recsys/`` never imports Prefect or ``flows``; this module adds ``pipeline`` and ``serve`` to the
+library's Typer app, and the ``recsys`` entry point in pyproject.toml runs it. Prefect itself is imported
+inside the commands, after its home has been pointed at the data root.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from recsys.cli import app
+from recsys.cli.common import ConfOption, SetOption, console, fail, load_cli_config
+from recsys.config import Config
+
+
+def _prefect_env(conf: Path | None, overrides: list[str] | None) -> Config:
+    """Config for a Prefect command; Prefect state goes under the data root (set before importing it)."""
+    import os
+
+    config = load_cli_config(conf, overrides)
+    if conf is not None:  # the flows load their config themselves: point them at the same directory
+        os.environ["RECSYS_CONF_DIR"] = str(conf.resolve())
+    from flows import use_local_prefect
+
+    use_local_prefect(config.paths.prefect_home)
+    return config
+
+
+@app.command()
+def pipeline(
+    conf: ConfOption = None,
+    overrides: SetOption = None,
+    run_date: Annotated[str | None, typer.Option(help="Logical date YYYY-MM-DD (default: today).")] = None,
+    input: Annotated[
+        list[Path] | None, typer.Option("--input", help="Raw log files/dirs (default: synthetic data).")
+    ] = None,
+    shards: Annotated[int, typer.Option(min=1, help="Score users in this many shards (task runner).")] = 1,
+    executor: Annotated[str, typer.Option(help="Where shards run: threads | dask (local).")] = "threads",
+    full: Annotated[bool, typer.Option(help="Use conf/ as is, without the demo's quick settings.")] = False,
+    users: Annotated[int, typer.Option(min=0, help="Users whose next-watch lists are printed.")] = 3,
+) -> None:
+    """Run the whole pipeline as a Prefect flow (ephemeral API, embedded MLflow) and show the result."""
+    from datetime import date
+
+    _prefect_env(conf, overrides)
+    from flows.demo import DEMO_OVERRIDES, print_summary, run_pipeline
+
+    all_overrides = ([] if full else list(DEMO_OVERRIDES)) + list(overrides or [])
+    day = date.fromisoformat(run_date) if run_date else None
+    try:
+        summary = run_pipeline(all_overrides, run_date=day, inputs=input, shards=shards, executor=executor)
+    except Exception as exc:  # the flow logs above name the failed stage and its traceback
+        raise fail(f"pipeline failed: {type(exc).__name__}: {exc}") from None
+    print_summary(console, summary, all_overrides, n_users=users)
+
+
+@app.command()
+def serve(
+    conf: ConfOption = None,
+    overrides: SetOption = None,
+    limit: Annotated[int | None, typer.Option(help="Max concurrent runs in this process.")] = None,
+) -> None:
+    """Serve the scheduled deployments (daily ingest + score, weekly train + promote) until stopped."""
+    _prefect_env(conf, overrides)
+    from flows.serve import main
+
+    args = [a for o in overrides or [] for a in ("--set", o)]
+    main(args + ([f"--limit={limit}"] if limit else []))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,5 @@
+"""``python -m recsys.cli``: the library's commands (``python -m flows.cli`` adds pipeline and serve)."""
+
+from recsys.cli import app
+
+app()
