@@ -1,0 +1,42 @@
+"""Fixtures of the documentation tests: the reader's environment and the workspaces pages start from."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import doc_workspace
+import pytest
+from snippets import snippet_env
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def reader_bin() -> Path:
+    """The venv's bin directory: ``recsys`` and ``python`` as after ``source .venv/bin/activate``."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "recsys").is_file():
+        pytest.fail(f"no recsys console script in {bin_dir}: install the project (pip install -e .) first")
+    return bin_dir
+
+
+@pytest.fixture(scope="session")
+def reader_env(reader_bin) -> dict[str, str]:
+    return snippet_env(reader_bin, REPO)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory, reader_bin, reader_env) -> Callable[[str], Path]:
+    """``workspace(name)``: the path of that workspace's repository root, built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            inputs = None if name == "inputs" else get("inputs")
+            built[name] = doc_workspace.build(tmp_path_factory.mktemp(f"ws-{name}"), name, reader_bin,
+                                              reader_env, inputs)
+        return built[name]
+
+    return get
