@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all lint docs docs-build clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,5 +24,13 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check recsys flows tests benchmarks
 
+# The documentation site (docs/ + mkdocs.yml): served on 127.0.0.1:8000, or built into site/.
+# `make test` builds it too (tests/docs), with --strict, into a temporary directory.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-build: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf data .pytest_cache
+	rm -rf data site .pytest_cache

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -89,9 +90,10 @@ def write_sample_inputs(repo: Path, shared: Path) -> None:
     _write_text(repo / "train-item-views.csv", "sessionId;userId;itemId;timeframe;eventdate\n" + "".join(
         f"{u};NA;{i};{(n * 7919) % 86_400_000};{t[:10]}\n"
         for n, (u, i, t) in enumerate(clean.select("user_id", "item_id", "ts").iter_rows())))
+    bad = ",100001,2026-03-01T20:15:00Z,60\nacc-1,100001,yesterday,60\n"  # null user, unparseable ts
     _write_text(repo / "logs/2026-03-01.csv.gz", "account,title_id,started_at,seconds_watched\n" + "".join(
         f"acc-{u},{i},{t},{w or 0}\n" for u, i, t, w in
-        clean.select("user_id", "item_id", "ts", "watch_seconds").iter_rows()))
+        clean.select("user_id", "item_id", "ts", "watch_seconds").iter_rows()) + bad)
     _write_text(repo / "export.txt", "".join(
         f"{u}|{i}|{t}\n" for u, i, t in clean.select("user_id", "item_id", "ts").iter_rows()))
     users = events.drop_nulls("user_id")["user_id"].unique().sort().head(3)
@@ -114,6 +116,8 @@ def build(base: Path, name: str, bin_dir: Path, env: dict[str, str], inputs: Pat
     if name == "inputs":
         repo = base / "repo"
         write_tiny_conf(repo / "conf")
+        shutil.copytree(REPO / "docker", repo / "docker", ignore=shutil.ignore_patterns(".env"))
+        (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)  # `source .venv/bin/activate`
         write_sample_inputs(repo, base / "shared" / "data")
         return repo
     assert inputs is not None
