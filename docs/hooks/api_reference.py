@@ -30,7 +30,8 @@ def exports(package: str, repo: Path = REPO) -> tuple[str, list[tuple[str, str]]
             where = ast.literal_eval(node.args[1])
     problems = [f"{path}: {name} is in __all__ but not in the lazy_exports map" for name in names
                 if name not in where]
-    return ast.get_docstring(tree) or "", [(n, f"{package}.{where[n]}") for n in names if n in where], problems
+    found = [(n, f"{package}.{where[n]}") for n in names if n in where]
+    return ast.get_docstring(tree) or "", found, problems
 
 
 def render_api(repo: Path = REPO) -> tuple[str, list[str]]:

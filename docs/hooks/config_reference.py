@@ -175,7 +175,8 @@ def _section(section: str, conf_dir: Path, problems: list[str]) -> list[str]:
         if isinstance(shipped, dict) and not nested:  # a free mapping (tune.space): one row per entry
             value = f"{len(shipped)} entries, below"
             extra_tables += _mapping_table(section, key, shipped, comments, notes.get(key, []), problems)
-        out.append(f"| `{key}` | {kind}{' (' + limits + ')' if limits else ''} | {default} | {value} | {what} |")
+        kind += f" ({limits})" if limits else ""
+        out.append(f"| `{key}` | {kind} | {default} | {value} | {what} |")
     free = [k for k, i in fields if typing.get_origin(i.annotation) is dict]  # keys of a free mapping
     for key in comments:
         if key not in known and not any(key.startswith(f"{k}.") for k in free):

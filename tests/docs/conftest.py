@@ -28,15 +28,23 @@ def reader_env(reader_bin) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def workspace(tmp_path_factory, reader_bin, reader_env) -> Callable[[str], Path]:
-    """``workspace(name)``: the path of that workspace's repository root, built once per session."""
-    built: dict[str, Path] = {}
+def workspace(tmp_path_factory, reader_env) -> Callable[[str], Path]:
+    """``workspace(name)``: the path of that workspace's repository root, built once per session.
+
+    A workspace that failed to build fails every page that needs it with the same report.
+    """
+    built: dict[str, Path | Exception] = {}
 
     def get(name: str) -> Path:
         if name not in built:
-            inputs = None if name == "inputs" else get("inputs")
-            built[name] = doc_workspace.build(tmp_path_factory.mktemp(f"ws-{name}"), name, reader_bin,
-                                              reader_env, inputs)
+            try:
+                inputs = None if name == "inputs" else get("inputs")
+                built[name] = doc_workspace.build(tmp_path_factory.mktemp(f"ws-{name}"), name, reader_env,
+                                                  inputs)
+            except Exception as exc:
+                built[name] = exc
+        if isinstance(built[name], Exception):
+            pytest.fail(f"workspace {name!r} could not be built:\n{built[name]}", pytrace=False)
         return built[name]
 
     return get

@@ -9,8 +9,10 @@ Workspaces a page can start from (``<!-- docs-test: workspace=NAME -->``):
 
 - ``inputs``: the sample files only (synthetic logs in data/raw/synthetic, MovieLens/YOOCHOOSE/DIGINETICA
   and custom-format files), nothing ingested yet;
-- ``trained``: ``inputs`` + ingest -> sessions -> split of the synthetic logs, one trained model
-  registered and promoted to @champion in the embedded MLflow store, and one export for 2026-03-10.
+- ``trained``: what a reader has after following docs/getting-started.md: ``inputs`` + that page's
+  blocks run in order (ingest -> sessions -> split of the synthetic logs, a model trained, registered
+  and promoted to @champion in the embedded MLflow store, an export for 2026-03-31). Building it *is*
+  that page's test, so a broken getting-started block fails with its own report.
 
 Every file is generated here (no network, no real user data); conf/ is the repository's conf/ with
 small sizes so that a plain ``recsys train`` takes seconds. Explicit ``--set`` in a block still wins.
@@ -20,19 +22,19 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import polars as pl
 import yaml
+from snippets import failure_report, parse_page, run_snippet
 
 from recsys.config import load_config
 from recsys.data.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[2]
 WORKSPACES = ("inputs", "trained")
-SCORE_DATE = "2026-03-10"
+BUILDER_PAGE = REPO / "docs" / "getting-started.md"  # its blocks turn ``inputs`` into ``trained``
 
 # conf/<section>.yaml keys replaced in the workspace copy: the pipeline's shape, at test size.
 TINY: dict[str, dict[str, object]] = {
@@ -101,15 +103,12 @@ def write_sample_inputs(repo: Path, shared: Path) -> None:
     _write_text(repo / "withdrawn.txt", "".join(f"{i}\n" for i in clean["item_id"].unique().sort().head(2)))
 
 
-def recsys_cli(bin_dir: Path, cwd: Path, env: dict[str, str], *args: str) -> None:
-    result = subprocess.run([str(bin_dir / "recsys"), *args], cwd=cwd, env=env, text=True,
-                            capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
-    if result.returncode:
-        raise RuntimeError(f"workspace set-up: recsys {' '.join(args)} failed:\n"
-                           f"{result.stdout}{result.stderr}")
+class WorkspaceError(RuntimeError):
+    """A block of the builder page failed; the message is that block's failure report."""
 
 
-def build(base: Path, name: str, bin_dir: Path, env: dict[str, str], inputs: Path | None = None) -> Path:
+def build(base: Path, name: str, env: dict[str, str], inputs: Path | None = None,
+          timeout: float = 300) -> Path:
     """Create workspace ``name`` under ``base`` (``trained`` starts from a copy of ``inputs``)."""
     if name not in WORKSPACES:
         raise ValueError(f"unknown workspace {name!r} (known: {', '.join(WORKSPACES)})")
@@ -123,11 +122,13 @@ def build(base: Path, name: str, bin_dir: Path, env: dict[str, str], inputs: Pat
     assert inputs is not None
     shutil.copytree(inputs.parent, base, dirs_exist_ok=True, symlinks=True)
     repo = base / inputs.name
-    recsys_cli(bin_dir, repo, env, "prepare", *sorted(str(p.relative_to(repo)) for p in
-                                                       (repo / "data/raw/synthetic").glob("part-*")))
-    recsys_cli(bin_dir, repo, env, "train")
-    recsys_cli(bin_dir, repo, env, "promote")
-    recsys_cli(bin_dir, repo, env, "score", "--run-date", SCORE_DATE)
+    scripts = base / "scripts"
+    scripts.mkdir()
+    for block in parse_page(BUILDER_PAGE).snippets:
+        if block.executed and not block.slow:
+            result = run_snippet(block, repo, env, timeout, scripts)
+            if result.returncode:
+                raise WorkspaceError(f"building workspace {name!r}: " + failure_report(block, result))
     return repo
 
 

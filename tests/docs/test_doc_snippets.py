@@ -43,6 +43,9 @@ def test_page_follows_the_rules(page):
 @pytest.mark.parametrize(("page", "with_slow"), _params())
 def test_page_blocks_run(page, with_slow, workspace, reader_env, tmp_path):
     parsed = parse_page(page)
+    if page == doc_workspace.BUILDER_PAGE and not with_slow:
+        workspace("trained")  # building it ran this page's blocks in order; a failure is reported there
+        return
     blocks = [s for s in parsed.snippets if s.executed and (with_slow or not s.slow)]
     if not blocks:
         pytest.skip("no executed blocks")

@@ -14,8 +14,8 @@ README_MAX_LINES = 250
 
 def test_mkdocs_build_is_strict_and_clean(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
-                            cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stderr, result.stderr
     reference = (tmp_path / "configuration" / "index.html").read_text()
