@@ -66,7 +66,9 @@ def ingest(
     from recsys.data.ingest import IngestError, ingest_files
     from recsys.data.ingest_view import ingest_tables
 
-    extra = [*([f"ingest.preset={preset}"] if preset else []), *(["ingest.partition_mode=replace"] if replace else [])]
+    extra = [f"ingest.preset={preset}"] if preset else []
+    if replace:
+        extra.append("ingest.partition_mode=replace")
     config = load_cli_config(conf, [*(set_ or []), *extra])
     try:
         with console.status("ingesting..."):

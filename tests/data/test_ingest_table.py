@@ -140,9 +140,10 @@ def test_legacy_hive_folder_is_converted_in_place(tmp_path):
     root = tmp_path / "data"
     old = root / "events" / "event_date=2026-01-01"
     old.mkdir(parents=True)
-    pl.DataFrame({"user_id": [1], "item_id": [1], "ts": [T0 * 1_000_000], "watch_seconds": [None],
-                  "event_type": [None]}, schema_overrides={"watch_seconds": pl.Float64, "event_type": pl.String}
-                 ).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC"))).write_parquet(old / "part-0.parquet")
+    legacy = pl.DataFrame({"user_id": [1], "item_id": [1], "ts": [T0 * 1_000_000], "watch_seconds": [None],
+                           "event_type": [None]},
+                          schema_overrides={"watch_seconds": pl.Float64, "event_type": pl.String})
+    legacy.with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC"))).write_parquet(old / "part-0.parquet")
     report = run([_log(tmp_path, "new.csv", [(1, 1, T0), (2, 2, T0)])], root)
     assert (report.events_written, report.duplicates, report.table_version) == (1, 1, 1)
     assert events(root)["user_id"].to_list() == [1, 2]
