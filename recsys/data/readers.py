@@ -16,7 +16,8 @@ and its text is kept verbatim. Files without a double quote are split with a pla
 with one use an anchored regex per record that honours RFC 4180 quoting (separators, ``""`` and line
 breaks inside quoted fields). A record spans several lines only when a quoted field is still open at
 the end of a line (found per line with regexes, then one pass over the lines); a quote that is never
-closed within ``MAX_RECORD_LINES`` lines (or at all) is a bad one-line row, so one stray quote cannot swallow a file.
+closed within ``MAX_RECORD_LINES`` lines (or at all) is a bad one-line row, so one stray quote cannot
+swallow a file.
 
 Ids are kept as written: NDJSON objects, arrays, booleans and non-integer numbers are marked bad per
 row; Parquet columns of a type that cannot hold ids or times are an error naming file, column and type.
