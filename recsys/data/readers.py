@@ -328,7 +328,7 @@ def _header(path: Path, spec: ReadSpec, first: str) -> tuple[list[str], bool, di
         if not spec.has_header:
             return [], False, dict(spec.columns)
         names = _split_header(first, sep)
-        dups = sorted({n for n in names if names.count(n) > 1})
+        dups = sorted(n for n, k in Counter(names).items() if k > 1)
         if dups:
             raise IngestError(f"{path}: the header names {clip(dups)} more than once; rename the columns "
                               f"(header: {clip(first)})")
