@@ -311,7 +311,8 @@ def print_report(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         again = "" if again is None else f"; re-ingest (idempotent) {again:.1f} s"
         console.print(f"ingest at {size}: Delta table {st['delta_events_per_second']:,} events/s, peak "
                       f"{st['delta_peak_rss_gb']:.2f} GB vs previous hive layout "
-                      f"{st['hive_events_per_second']:,} events/s, peak {st['hive_peak_rss_gb']:.2f} GB{again}")
+                      f"{st['hive_events_per_second']:,} events/s, peak {st['hive_peak_rss_gb']:.2f} GB"
+                      f"{again}")
     if "pandas" in summary:
         pd_ = summary["pandas"]
         more = "> " if pd_["timed_out"] else ""
