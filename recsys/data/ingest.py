@@ -260,29 +260,42 @@ class _Target:
     schema: dict[str, pl.DataType]
 
 
-def _with_stored(part: pl.DataFrame, target: _Target, events_dir: Path, partition: str) -> pl.DataFrame:
+def _with_stored(frame: pl.DataFrame, target: _Target, events_dir: Path) -> pl.DataFrame:
     """Merge: prepend the stored events of the same days (``_file = -1``) so copies of them are found."""
-    files = target.files.get(partition)
+    files = [events_dir / f.path for name in frame["_part"].unique().to_list()
+             for f in target.files.get(name, [])]
     if not files:
-        return part
-    days = part["_day"].unique().implode()
-    stored = (pl.scan_parquet([events_dir / f.path for f in files], hive_partitioning=False,
-                              missing_columns="insert", extra_columns="ignore")
+        return frame
+    days = frame["_day"].unique().implode()
+    stored = (pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert",
+                              extra_columns="ignore")
               .select(EVENT_COLUMNS)
               .with_columns(pl.col(TS).dt.date().alias("_day"))
               .filter(pl.col("_day").is_in(days))
               .collect())
     if stored.height == 0:
-        return part
+        return frame
     stored = stored.with_columns(pl.lit(-1, dtype=pl.Int32).alias("_file"),
                                  pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
-                                 pl.lit(partition).alias("_part"))
-    return pl.concat([stored.select(part.columns), part], how="vertical_relaxed")
+                                 _partition_expr(target.column))
+    return pl.concat([stored.select(frame.columns), frame], how="vertical_relaxed")
 
 
 def _partition_expr(column: str) -> pl.Expr:
     fmt = "%Y-%m" if column == events_table.EVENT_MONTH else "%Y-%m-%d"
     return pl.col(TS).dt.strftime(fmt).alias("_part")
+
+
+HELD_ROWS = 2_000_000  # month partitions: rows gathered across buckets before they are written
+
+
+def _flush(held: dict[str, list[pl.DataFrame]], writer: BackgroundWriter,
+           pending: events_table.PendingCommit) -> None:
+    """Write each gathered month as one file (copies never span buckets: they share a day)."""
+    for name in sorted(held):
+        frames = held.pop(name)
+        out = frames[0] if len(frames) == 1 else pl.concat(frames).sort(_KEY, maintain_order=True)
+        writer.submit(pending.add, out, name)
 
 
 def _write_events(stage: Stage, reports: list[FileReport], config: Config, target: _Target,
@@ -296,6 +309,8 @@ def _write_events(stage: Stage, reports: list[FileReport], config: Config, targe
     events_dir = config.paths.events_dir
     merge = config.ingest.partition_mode == "merge"
     replaced: dict[str, int] = {}
+    held: dict[str, list[pl.DataFrame]] = {}
+    n_held = 0
     with BackgroundWriter() as writer:
         for bucket in range(config.ingest.staging_buckets):
             lf = stage.bucket(bucket)
@@ -304,28 +319,38 @@ def _write_events(stage: Stage, reports: list[FileReport], config: Config, targe
             frame = lf.select(*EVENT_COLUMNS, "_file", "_row", pl.col(TS).dt.date().alias("_day"),
                               _partition_expr(target.column)).collect()
             stage.drop(bucket)
-            if frame["_part"].n_unique() == 1:  # the usual case: a bucket holds one date
-                parts = {(frame["_part"][0],): frame}
-            else:
-                parts = frame.partition_by("_part", as_dict=True, maintain_order=True)
+            if merge:
+                frame = _with_stored(frame, target, events_dir)
+            # one sort per bucket (copies share a day, so never span buckets), then split by partition
+            kept, dups = _dedup(frame)
             del frame
-            for (name,), part in sorted(parts.items()):
-                if merge:
-                    part = _with_stored(part, target, events_dir, name)
-                kept, dups = _dedup(part)
-                for i, n in _per_file(dups["_file"]):
-                    reports[i].duplicates += n
-                new = kept.filter(pl.col("_file") >= 0)
-                for i, n in _per_file(new["_file"]):
-                    reports[i].events_written += n
-                if not merge and name not in replaced:
+            for i, n in _per_file(dups["_file"]):
+                reports[i].duplicates += n
+            new = kept.filter(pl.col("_file") >= 0)
+            del kept
+            for i, n in _per_file(new["_file"]):
+                reports[i].events_written += n
+            new = new.select(*[pl.col(c).cast(t) for c, t in target.schema.items()], "_part")
+            if new["_part"].n_unique() <= 1:  # the usual case: a bucket holds one date
+                parts = {(new["_part"][0],): new.drop("_part")} if new.height else {}
+            else:
+                parts = new.partition_by("_part", as_dict=True, maintain_order=True, include_key=False)
+            if not merge:
+                for name in set(new["_part"].unique().to_list()) - set(replaced):
                     old = target.files.get(name, [])
                     pending.removes += old
                     replaced[name] = sum(f.rows or 0 for f in old)
-                if new.height:
-                    out = new.select([pl.col(c).cast(t) for c, t in target.schema.items()])
+            for (name,), out in sorted(parts.items()):
+                if target.column == events_table.EVENT_DATE:
                     writer.submit(pending.add, out, name)
+                else:  # a month spans buckets: gather it, one file per month (flushed if large)
+                    held.setdefault(name, []).append(out)
+                    n_held += out.height
             logger.debug("bucket %d: %d partitions", bucket, len(parts))
+            if n_held > HELD_ROWS:
+                _flush(held, writer, pending)
+                n_held = 0
+        _flush(held, writer, pending)
     return {k: v for k, v in sorted(replaced.items()) if target.files.get(k)}
 
 
