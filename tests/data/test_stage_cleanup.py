@@ -1,5 +1,5 @@
 """kill -9 of sessions / split (issue 12, row 11): the temp folder a killed run leaves is removed by the
-next run of the stage, whoever left it; a live run's folder is left alone."""
+next run of the stage, whoever left it; a live run's folder is left alone. Lineage: the events version."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ def test_next_sessions_and_split_runs_remove_what_killed_runs_left(tmp_path):
     left = [p.name for p in root.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert left == []
     assert (config.paths.split_dir / "train.parquet").is_file()
+    # lineage: the split knows which events table version it came from, and training runs tag it
+    from recsys.tracking.lineage import lineage_tags
+
+    run([write(tmp_path / "late.csv", f"user_id,item_id,ts\nlate,1,{T0}\n")], root)  # version 1
+    assert lineage_tags(config.paths.split_dir, config.paths.events_dir)["data.events_version"] == "0"
 
 
 def test_a_live_runs_folder_is_kept_and_an_interrupted_swap_is_restored(tmp_path):
