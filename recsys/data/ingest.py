@@ -452,7 +452,7 @@ def _write_failed(exc: BaseException, events_dir: Path, version: int | None) -> 
     state = ("no events table was created" if version is None
              else f"the events table is still at version {version}")
     if _is_disk_full(exc):
-        return IngestError(f"{events_dir}: no space left on device while writing events; nothing was "
+        return IngestError(f"{events_dir}: no space left on device while ingesting; nothing was "
                            f"changed ({state}, quarantine and report untouched)")
     first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     return IngestError(f"{events_dir}: writing events failed ({type(exc).__name__}: {first}); nothing "
@@ -461,6 +461,23 @@ def _write_failed(exc: BaseException, events_dir: Path, version: int | None) -> 
 
 def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = None,
                  in_memory_rows: int = IN_MEMORY_ROWS) -> IngestReport:
+    """Ingest ``inputs`` into the events table at ``config.paths.events_dir`` as one commit.
+
+    A full disk at any step before the commit (staging, quarantine, data files, commit) is one
+    :class:`IngestError` line naming the folder and saying that nothing was changed.
+    """
+    events_dir = config.paths.events_dir
+    before = events_table.table_version(events_dir) if events_dir.is_dir() else None
+    try:
+        return _ingest(inputs, config, now, in_memory_rows)
+    except (IngestError, OSError, pl.exceptions.PolarsError) as exc:
+        if not _is_disk_full(exc) or "no space left on device while" in str(exc):
+            raise
+        where = config.paths.data_root
+        raise _write_failed(exc, where, before) from exc
+
+
+def _ingest(inputs: list[Path], config: Config, now: datetime | None, in_memory_rows: int) -> IngestReport:
     """Ingest ``inputs`` into the events table at ``config.paths.events_dir`` as one commit.
 
     ``now`` fixes the upper time bound (``max_future_days``) for reproducible tests. Inputs estimated
@@ -534,7 +551,11 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
         report.table_version = version if version is not None else before
         report.partition_by = "month" if target.column == events_table.EVENT_MONTH else "day"
         report.run_id = pending.run_id
-        report.save(events_dir.parent / REPORT_FILE)  # still under the lock: the last run's report wins
+        try:
+            report.save(events_dir.parent / REPORT_FILE)  # under the lock: the last run's report wins
+        except OSError as exc:  # after the commit: the events did change, say so
+            raise IngestError(f"{events_dir.parent / REPORT_FILE}: events were committed as version "
+                              f"{report.table_version}, but the report could not be written: {exc}") from exc
     logger.info("ingested %d rows: %d events, %d duplicates, %d quarantined, %d partitions, version %s",
                 report.rows_in, report.events_written, report.duplicates, report.n_quarantined,
                 len(parts), report.table_version)

@@ -83,12 +83,32 @@ def test_disk_full_at_commit_changes_nothing_and_says_so(tmp_path, monkeypatch):
         run([new], root, max_bad_fraction=0.5)
     message = str(err.value)
     assert "\n" not in message and str(root / "events") in message
-    assert "no space left" in message and "nothing was changed" in message and "version 0" in message
+    assert "no space left on device" in message and "nothing was changed" in message
+    assert "version 0" in message
     assert tree_hashes(root / "events") == before  # the written files were removed again
     assert not (root / "quarantine").exists()  # the quarantine was not published either
     assert events(root).height == 2
     monkeypatch.setattr(events_table, "before_commit", None)
     assert run([new], root, max_bad_fraction=0.5).table_version == 1
+
+
+def test_disk_full_while_staging_is_the_same_one_line_error(tmp_path, monkeypatch):
+    from recsys.data import staging
+
+    root = tmp_path / "data"
+    run([_log(tmp_path, "old.csv", [(1, 1, T0)])], root)
+    before = tree_hashes(root)
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(staging.Stage, "put", full)
+    with pytest.raises(IngestError) as err:
+        run([_log(tmp_path, "new.csv", [(2, 2, T0)])], root)
+    assert "no space left on device while ingesting; nothing was changed" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert {k: v for k, v in tree_hashes(root).items() if not k.startswith(".ingest")} == {
+        k: v for k, v in before.items() if not k.startswith(".ingest")}
 
 
 KILLER = """
