@@ -390,6 +390,9 @@ def _remove_orphans(events_dir: Path) -> None:
     if not events_dir.is_dir():
         return
     runs = {m.group(1) for f in events_dir.glob("*=*/part-*.parquet") if (m := _RUN_FILE.search(f.name))}
+    table = events_table.open_table(events_dir)
+    if table is not None:  # runs with live files committed; the log's history only for the others
+        runs -= {m.group(1) for f in events_table.table_files(table) if (m := _RUN_FILE.search(f.path))}
     if not runs:
         return
     for run in sorted(runs - events_table.committed_runs(events_dir)):
