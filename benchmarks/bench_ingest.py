@@ -11,8 +11,16 @@ size for comparison with ``recsys.data.sessions.build_sessions``.
     .venv/bin/python benchmarks/bench_ingest.py --sizes 200k    # smoke run
     .venv/bin/python benchmarks/bench_ingest.py --sizes 10M --profile   # + cProfile of each stage
 
-Targets (issue 2): ingest->sessions->split >= 1.5M events/s at 10M events; 50M events with peak RSS
-<= 6 GB; ours >= 5x faster than the pandas sessioniser.
+Storage comparison (issue 12), in the same run on the same generated files: ``ingest`` writes the Delta
+events table (one commit per run); ``ingest-hive`` runs the previous layout (hive Parquet, one atomic
+file swap per date partition), i.e. the ``recsys`` package of ``--baseline`` (a git ref, default ``main``,
+extracted with ``git archive``), into its own data root; ``reingest`` ingests the same files into the
+Delta table again (merge mode: every row is a duplicate, nothing is written: the idempotence cost).
+
+    .venv/bin/python benchmarks/bench_ingest.py --sizes 10M,50M --baseline main
+
+Targets (issues 2, 12): ingest->sessions->split >= 1.5M events/s at 10M events; 50M events with peak
+RSS <= 6 GB; ours >= 5x faster than the pandas sessioniser.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("generate", "ingest", "sessions", "split")
+EXTRA_STAGES = ("ingest-hive", "reingest")  # storage comparison, after the pipeline stages
 PATH_TARGET_EPS = 1_500_000  # ingest -> sessions -> split, events/s at 10M
 RSS_TARGET_GB = 6.0  # peak RSS of any stage at 50M
 PANDAS_RATIO_TARGET = 5.0
@@ -54,9 +63,11 @@ def label(n: int) -> str:
 # --- child side: run one stage and print its result as JSON -----------------------------------------
 
 def _child_config(work: Path, n_events: int, sets: list[str]):
+    import recsys
     from recsys.config import load_config
 
-    return load_config(REPO / "conf", [f"paths.data_root={work}", f"generate.n_events={n_events}", *sets])
+    conf = Path(recsys.__file__).resolve().parents[1] / "conf"  # the baseline's own conf for ingest-hive
+    return load_config(conf, [f"paths.data_root={work}", f"generate.n_events={n_events}", *sets])
 
 
 def _timed(fn: Any, *args: Any) -> tuple[Any, float, float]:
@@ -75,16 +86,18 @@ def _run_stage(stage: str, work: Path, n_events: int, sets: list[str]) -> dict[s
         (work / "generated.json").write_text(json.dumps(res))
         return {"events": res["events"], "seconds": secs, "cpu_seconds": cpu,
                 "detail": {"files": len(res["files"])}}
-    if stage == "ingest":
+    if stage in ("ingest", "ingest-hive", "reingest"):
         from recsys.data.ingest import ingest_files
 
         files = [Path(f) for f in json.loads((work / "generated.json").read_text())["files"]]
+        if stage == "ingest-hive":  # the previous layout, into its own data root
+            config = _child_config(work / "hive", n_events, sets)
         rep, secs, cpu = _timed(ingest_files, files, config)
         d = rep.to_dict()
         return {"events": d["rows_in"], "seconds": secs, "cpu_seconds": cpu,
                 "detail": {"events_written": d["events_written"], "duplicates": d["duplicates"],
                            "quarantined": sum(d["quarantined"].values()),
-                           "partitions": len(d["partitions"])}}
+                           "partitions": len(d["partitions"]), "table_version": d.get("table_version")}}
     if stage == "sessions":
         from recsys.data.sessions import build_sessions
 
@@ -165,8 +178,18 @@ def estimate_seconds(rows: list[dict[str, Any]], stage: str, n: int) -> float | 
     startup = ref["wall_seconds"] - ref["seconds"]
     return 1.2 * ref["seconds"] * n / ref["size"] + startup + 5
 
+def extract_baseline(ref: str, dest: Path) -> Path:
+    """The ``recsys`` package and ``conf`` of git ``ref``, extracted to ``dest`` (for ingest-hive)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", ref, "recsys", "conf"], cwd=REPO, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def run_child(stage: str, work: Path, n: int, sets: list[str], profile: Path | None,
-              timeout: float | None = None) -> dict[str, Any]:
+              timeout: float | None = None, pythonpath: Path | None = None) -> dict[str, Any]:
     """Run one stage in a fresh process; a stage past ``timeout`` is killed and reported as timed out."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_stage", stage, "--work", str(work),
            "--size", str(n)]
@@ -176,7 +199,9 @@ def run_child(stage: str, work: Path, n: int, sets: list[str], profile: Path | N
         cmd += ["--_profile-to", str(profile)]
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    env = {**os.environ, "PYTHONPATH": str(pythonpath or REPO)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=env)
     deadline = t0 + timeout if timeout else None
     while True:  # rusage of this child alone (wait4): its own peak RSS
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
@@ -226,6 +251,18 @@ def summarise(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
                 "events_per_second": round(parts[0]["events"] / secs),  # type: ignore[index]
                 "peak_rss_gb": max(p["peak_rss_gb"] for p in parts),  # type: ignore[index]
             }
+    summary["storage"] = {}
+    for n in sizes:
+        delta, hive, again = (complete.get((n, s)) for s in ("ingest", "ingest-hive", "reingest"))
+        if delta and hive:
+            summary["storage"][label(n)] = {
+                "delta_events_per_second": delta["events_per_second"],
+                "hive_events_per_second": hive["events_per_second"],
+                "delta_peak_rss_gb": delta["peak_rss_gb"], "hive_peak_rss_gb": hive["peak_rss_gb"],
+                "delta_partitions": delta["detail"]["partitions"],
+                "hive_partitions": hive["detail"]["partitions"],
+                "reingest_seconds": again["seconds"] if again else None,
+            }
     pandas_rows = [r for r in ran if r["stage"] == "pandas"]
     if pandas_rows:
         p = pandas_rows[0]
@@ -269,6 +306,13 @@ def print_report(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         console.print(f"peak RSS of any pipeline stage at {size}: {rss:.2f} GB "
                       f"[{'green' if ok else 'yellow'}](target <= {RSS_TARGET_GB:g} GB at 50M: "
                       f"{'met' if ok else 'not met'})[/]")
+    for size, st in summary.get("storage", {}).items():
+        again = st["reingest_seconds"]
+        again = "" if again is None else f"; re-ingest (idempotent) {again:.1f} s"
+        console.print(f"ingest at {size}: Delta table {st['delta_events_per_second']:,} events/s, peak "
+                      f"{st['delta_peak_rss_gb']:.2f} GB vs previous hive layout "
+                      f"{st['hive_events_per_second']:,} events/s, peak {st['hive_peak_rss_gb']:.2f} GB"
+                      f"{again}")
     if "pandas" in summary:
         pd_ = summary["pandas"]
         more = "> " if pd_["timed_out"] else ""
@@ -297,6 +341,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="cProfile each pipeline stage into benchmarks/results/profile_<stage>_<size>.txt")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap.add_argument("--baseline", default="main",
+                    help="git ref whose ingest (the previous hive layout) runs as ingest-hive; '' to skip")
+    ap.add_argument("--no-reingest", action="store_true", help="skip the idempotent re-ingest stage")
     ap.add_argument("--_stage", dest="stage", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_profile-to", dest="profile_to", help=argparse.SUPPRESS)
@@ -312,6 +359,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     with_pandas = not args.no_pandas and pandas_size in sizes
+
+    baseline = extract_baseline(args.baseline, args.work / "baseline-src") if args.baseline else None
 
     def stage_run(stage: str, n: int) -> bool:
         """Run one stage unless it cannot finish before the deadline; False when skipped or cut off."""
@@ -331,7 +380,8 @@ def main() -> None:
             ours = next(r for r in rows if r["size"] == n and r["stage"] == "sessions")
             limit = args.pandas_timeout or max(60.0, PANDAS_STOP_RATIO * ours["seconds"])
             timeout = min(limit, left) if left is not None else limit
-        rows.append(run_child(stage, args.work / label(n), n, sets, prof, timeout))
+        pythonpath = baseline if stage == "ingest-hive" else None
+        rows.append(run_child(stage, args.work / label(n), n, sets, prof, timeout, pythonpath))
         r = rows[-1]
         print(f"    {'>' if r.get('timed_out') else ''}{r['seconds']:.1f} s, {r['events_per_second']:,} "
               f"events/s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
@@ -346,6 +396,10 @@ def main() -> None:
                 if not stage_run(stage, n):
                     break  # later stages need this one's output
             else:
+                if baseline is not None:
+                    stage_run("ingest-hive", n)
+                if not args.no_reingest:
+                    stage_run("reingest", n)
                 if with_pandas and n == pandas_size:
                     stage_run("pandas", n)
             if not args.keep:
@@ -362,6 +416,7 @@ def main() -> None:
                     "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
                     "load_avg_end": [round(x, 2) for x in os.getloadavg()]},
         "overrides": sets,
+        "baseline": args.baseline,
         "rows": rows,
         "summary": summary,
         "targets": {"path_events_per_second_at_10M": PATH_TARGET_EPS, "peak_rss_gb_at_50M": RSS_TARGET_GB,

@@ -19,6 +19,7 @@ from rich.table import Table
 from flows._common import flow_config, fmt
 from flows.pipeline import pipeline_flow
 from flows.reports import split_training_metrics
+from recsys.data.events_table import scan_events
 from recsys.schemas import ITEM_ID, RANK, SOURCE, TS, USER_ID
 
 # Demo-sized training on the default (300k-event) synthetic data, so that the whole pipeline stays
@@ -103,7 +104,7 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
     found = sorted(config.paths.raw_dir.glob("*/catalogue.parquet"))
     catalogue = summary.get("catalogue") or (found[0] if found else None)
     titles = _titles(Path(catalogue) if catalogue else None)
-    events = pl.scan_parquet(str(config.paths.events_dir / "**" / "*.parquet"), hive_partitioning=False)
+    events = scan_events(config.paths.events_dir)
     users = recs.filter(pl.col(SOURCE) == "model")[USER_ID].unique(maintain_order=True).head(n_users)
     for user in users.to_list():
         recent = (events.filter(pl.col(USER_ID) == user).sort(TS).select(ITEM_ID).tail(3).collect()[ITEM_ID])

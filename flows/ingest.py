@@ -1,4 +1,4 @@
-"""Ingest flow: raw viewing logs -> validated, de-duplicated, date-partitioned events (+ quarantine)."""
+"""Ingest flow: raw viewing logs -> validated, de-duplicated events in the Delta table (+ quarantine)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def ingest_stats_table(report: dict[str, Any]) -> list[dict[str, Any]]:
         {"measure": "duplicates removed", "value": report.get("duplicates")},
         {"measure": "quarantined (total)", "value": sum(quarantined.values())},
         {"measure": "partitions written", "value": len(report.get("partitions") or [])},
+        {"measure": "partitions replaced", "value": len(report.get("replaced") or {})},
+        {"measure": "events table version", "value": report.get("table_version")},
     ]
     rows += [{"measure": f"quarantined: {reason}", "value": n} for reason, n in sorted(quarantined.items())]
     return rows
@@ -62,7 +64,8 @@ def ingest_flow(
 
     Reads the files or directories in `input` (default: the data root's raw/ directory), validates and
     normalises every row, removes duplicates, writes events partitioned by event date and quarantines
-    rejected rows with a reason. Re-running for the same inputs rewrites the same partitions (idempotent).
+    rejected rows with a reason, as one commit of the events table. The default merge mode only adds events
+    not stored yet: late events delete nothing and re-running for the same inputs adds nothing (idempotent).
     `overrides` are config overrides such as `ingest.preset=movielens-100k`.
     """
     logger = get_run_logger()

@@ -122,7 +122,12 @@ class IngestConfig(Section):
     timezone: str = "UTC"  # zone of timestamps written without one (IANA name); output is always UTC
     user_id_type: Literal["auto", "int", "str"] = "auto"  # auto: int when ~all ids are integers
     item_id_type: Literal["auto", "int", "str"] = "auto"
-    partition_mode: Literal["replace", "merge"] = "replace"  # what a new input does to a date it covers
+    # merge: add only events not stored yet (late events never delete anything); replace: the run's rows
+    # become the whole content of every partition they touch (asked for explicitly: `ingest --replace`)
+    partition_mode: Literal["merge", "replace"] = "merge"
+    # partition granularity of a new events table; auto: month when the first run spans over a year
+    # with few events per day (a backfill), else day. An existing table keeps its own.
+    partition_by: Literal["auto", "day", "month"] = "auto"
     staging_buckets: int = Field(64, ge=1)  # date buckets staged on disk: bounds memory per step
 
 

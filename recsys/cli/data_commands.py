@@ -53,14 +53,23 @@ def ingest(
         str | None,
         typer.Option("--preset", help="movielens-100k|movielens-dat|movielens-csv|yoochoose|diginetica"),
     ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option("--replace", help="Make these rows the whole content of every partition they touch "
+                                       "(default: merge, which only adds events not stored yet)."),
+    ] = False,
     conf: ConfOption = None,
     set_: SetOption = None,
 ) -> None:
-    """Validate, de-duplicate and write viewing logs as date-partitioned events; bad rows to quarantine."""
+    """Validate, de-duplicate and commit viewing logs to the events table (one version per run); bad rows
+    to quarantine."""
     from recsys.data.ingest import IngestError, ingest_files
     from recsys.data.ingest_view import ingest_tables
 
-    config = load_cli_config(conf, [*(set_ or []), *([f"ingest.preset={preset}"] if preset else [])])
+    extra = [f"ingest.preset={preset}"] if preset else []
+    if replace:
+        extra.append("ingest.partition_mode=replace")
+    config = load_cli_config(conf, [*(set_ or []), *extra])
     try:
         with console.status("ingesting..."):
             report = ingest_files(list(inputs), config)
@@ -69,8 +78,10 @@ def ingest(
             console.print(ingest_tables(exc.report))
         raise fail(str(exc)) from None
     console.print(ingest_tables(report))
+    for part, n in report.replaced.items():
+        console.print(f"replaced {report.partitions[0].split('=')[0]}={part} ({n:,} events)")
     report_file = Path(report.events_dir).parent / "ingest_report.json"
-    console.print(f"events -> {report.events_dir} (report: {report_file})")
+    console.print(f"events -> {report.events_dir} version {report.table_version} (report: {report_file})")
 
 
 def _print_data_stats(stats: dict, where: Path) -> None:

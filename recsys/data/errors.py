@@ -15,3 +15,9 @@ class IngestError(ValueError):
     def __init__(self, message: str, report: Any = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+def clip(text: object, limit: int = 200) -> str:
+    """At most ``limit`` characters of ``text`` for an error message (a 10 MB header is not echoed)."""
+    s = str(text)
+    return s if len(s) <= limit else f"{s[:limit]}... ({len(s):,} characters)"

@@ -1,25 +1,26 @@
-"""Ingest: raw viewing logs -> validated, de-duplicated events, hive-partitioned by event date.
+"""Ingest: raw viewing logs -> validated, de-duplicated events in the Delta table ``events/``.
 
 Steps (each reads only the previous one's output, so memory stays bounded by one date bucket, or by
 the whole input when that is small):
 
-1. open every input (``readers``): file-level problems (missing file or column, unreadable, empty)
-   raise :class:`IngestError` before anything is written;
+1. open every input (``readers``): file-level problems (missing file or column, wrong column type,
+   unreadable, empty) raise :class:`IngestError` before anything is written;
 2. parse and validate each file in the streaming engine (``validate``) and stage the rows, split into
-   ``ingest.staging_buckets`` buckets by event date (bad rows in their own bucket): in memory when
-   the inputs are estimated at no more than ``staging.IN_MEMORY_ROWS`` rows, else on disk as lz4
-   Parquet (``staging``);
-3. write each input's rejected rows to ``quarantine/`` and stop with an error if the bad fraction is
-   above ``ingest.max_bad_fraction`` (events are then left untouched);
-4. per event date: sort by (user_id, ts, item_id), drop duplicates (same user, item, ts: the first in
-   input order is kept) and atomically replace ``events/event_date=YYYY-MM-DD/part-0.parquet``
-   (written on a background thread while the next date is sorted).
+   ``ingest.staging_buckets`` buckets by event date (bad rows in their own bucket), in memory or on disk
+   (``staging``);
+3. write each input's rejected rows to a quarantine file in the work folder and stop with an error if
+   the bad fraction is above ``ingest.max_bad_fraction`` (events are then left untouched);
+4. per partition: sort by (user_id, ts, item_id), drop duplicates (same user, item, ts: the first in
+   input order is kept; stored events first) and write the new events as files of the table;
+5. commit every file of the run as **one** table version (``events_table``), then publish the
+   quarantine files and the report. A failure or a kill before the commit changes nothing; the next run
+   deletes the files an uncommitted run left.
 
-Partition policy: with ``partition_mode: replace`` (default) the rows of this run *become* the content
-of every date they cover, and dates they do not cover are untouched: re-ingesting a corrected daily file
-fixes that day. With ``merge`` they are unioned with what the partition already holds (for late events
-arriving in a later file); rows equal to stored events count as duplicates. Each partition is replaced
-atomically; a run killed midway leaves every partition either old or new, and re-running finishes it.
+Partition policy (``ingest.partition_mode``): ``merge`` (default) appends only events the table does not
+hold yet: a late event for yesterday is added and nothing is deleted, and re-ingesting a file adds
+nothing (idempotent). ``replace`` (``recsys ingest --replace``) makes the run's rows the whole content of
+every partition they touch, in the same commit; the report names each replaced partition and how many
+events it held.
 
 Conservation: every input data row is counted exactly once as an event written, a duplicate, or a
 quarantined row (blank lines are not rows; they are counted separately).
@@ -27,9 +28,12 @@ quarantined row (blank lines are not rows; they are counted separately).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -39,10 +43,10 @@ import numpy as np
 import polars as pl
 
 from recsys.config import Config
-from recsys.data import partitions
+from recsys.data import events_table
 from recsys.data.background import BackgroundWriter
 from recsys.data.errors import IngestError
-from recsys.data.quarantine import write_quarantine
+from recsys.data.quarantine import StagedQuarantine, stage_quarantine
 from recsys.data.readers import RawInput, scan_input
 from recsys.data.staging import IN_MEMORY_ROWS, Stage
 from recsys.data.validate import (
@@ -56,7 +60,8 @@ from recsys.data.validate import (
     public_reason,
     time_bounds,
 )
-from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, USER_ID, WATCH_SECONDS
+from recsys.data.workspace import ingest_workspace
+from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, TS_DTYPE, USER_ID, WATCH_SECONDS
 
 __all__ = ["IngestError", "IngestReport", "FileReport", "ingest_files", "REPORT_FILE"]
 
@@ -100,9 +105,16 @@ class IngestReport:
     partition_mode: str
     user_id_type: str
     item_id_type: str
-    partitions_replaced: int = 0  # of ``partitions``, those that held events before this run
+    replaced: dict[str, int] = field(default_factory=dict)  # replace mode: partition -> events it held
+    table_version: int | None = None  # events table version after this run (lineage)
+    partition_by: str = "day"
+    run_id: str = ""
     status: str = "ok"
     seconds: float = 0.0
+
+    @property
+    def partitions_replaced(self) -> int:
+        return len(self.replaced)
 
     @property
     def n_quarantined(self) -> int:
@@ -141,7 +153,7 @@ def _plans(raws: list[RawInput], config: Config, now: datetime | None) -> list[P
     for i, raw in enumerate(raws):
         raws[i], sample = _sample(raw)
         samples.append(sample)
-    existing = partitions.existing_schema(config.paths.events_dir) or {}
+    existing = events_table.existing_schema(config.paths.events_dir) or {}
     user_type = choose_id_type(cfg.user_id_type, [s[USER_ID] for s in samples], existing.get(USER_ID))
     item_type = choose_id_type(cfg.item_id_type, [s[ITEM_ID] for s in samples], existing.get(ITEM_ID))
     min_us, max_us = time_bounds(cfg, now)
@@ -175,10 +187,12 @@ def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: 
         logger.info("staged %s in %.1f s", raw.path, time.perf_counter() - t0)
 
 
-def _write_quarantines(
+def _stage_quarantines(
     stage: Stage, raws: list[RawInput], reports: list[FileReport], last_rows: dict[int, int],
     config: Config, work: Path,
-) -> None:
+) -> list[StagedQuarantine]:
+    staged = []
+    seen: dict[Path, int] = {}
     for i, (raw, rep) in enumerate(zip(raws, reports, strict=True)):
         lf = stage.bucket(BUCKET_BAD, i)
         rows = pl.DataFrame(schema={"source": pl.String, "row": pl.Int64, "reason": pl.String,
@@ -198,18 +212,29 @@ def _write_quarantines(
                                              how="left", maintain_order="left")
         counts = rows.group_by("reason").len().sort("reason")
         rep.quarantined = {r: int(n) for r, n in counts.iter_rows()}
-        dest = write_quarantine(rows, config.paths.quarantine_dir, raw.path, work)
-        rep.quarantine_file = None if dest is None else str(dest)
+        key = raw.path.resolve()
+        occurrence = seen.get(key, 0)
+        seen[key] = occurrence + 1
+        q = stage_quarantine(rows, config.paths.quarantine_dir, raw.path, occurrence, work)
+        rep.quarantine_file = None if q.tmp is None else str(q.dest)
+        staged.append(q)
+    for q in staged:
+        q.occurrences = seen[q.source.resolve()]
+    return staged
+
+
+def _publish_quarantines(staged: list[StagedQuarantine]) -> None:
+    for q in staged:
+        q.publish(q.occurrences)
 
 
 def _dedup(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(one day's events sorted by user, ts, item; the rows of this run that were duplicates).
+    """(events sorted by user, ts, item; the rows of this run that were duplicates).
 
     Sorting on (_file, _row) last makes the order total, so the first copy in input order is kept
-    (stored events, ``_file == -1``, come first in merge mode) and the output does not depend on how
-    the engine scheduled the work. Copies are then adjacent: comparing each row with the one before
-    finds them without hashing. (Sorting one day at a time is cheaper than sorting a staging bucket on
-    the day too; measured, a stable sort on the three key columns is slower than this one.)
+    (stored events, ``_file == -1``, come first) and the output does not depend on how the engine
+    scheduled the work. Copies are then adjacent: comparing each row with the one before finds them
+    without hashing.
     """
     frame = frame.sort(_ORDER)
     first = pl.any_horizontal(pl.col(c).ne_missing(pl.col(c).shift(1)) for c in _KEY)
@@ -226,61 +251,107 @@ def _per_file(files: pl.Series) -> list[tuple[int, int]]:
     return [(i, int(n)) for i, n in enumerate(counts) if n]
 
 
-def _with_stored(frame: pl.DataFrame, events_dir: Path) -> pl.DataFrame:
-    """Merge mode: prepend what the touched partitions already hold (``_file = -1``)."""
-    stored = []
-    for day in frame["_day"].unique().sort():
-        old = partitions.read_partition(events_dir, day.isoformat())
-        if old is not None:
-            stored.append(old.select(EVENT_COLUMNS).with_columns(
-                pl.lit(-1, dtype=pl.Int32).alias("_file"),
-                pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
-                pl.lit(day).alias("_day"),
-            ))
-    if not stored:
+@dataclass
+class _Target:
+    """What the run writes into: the table's partition column and its live files per partition."""
+
+    column: str
+    files: dict[str, list[events_table.TableFile]]
+    schema: dict[str, pl.DataType]
+
+
+def _with_stored(frame: pl.DataFrame, target: _Target, events_dir: Path) -> pl.DataFrame:
+    """Merge: prepend the stored events of the same days (``_file = -1``) so copies of them are found."""
+    files = [events_dir / f.path for name in frame["_part"].unique().to_list()
+             for f in target.files.get(name, [])]
+    if not files:
         return frame
-    return pl.concat([*stored, frame.select(*EVENT_COLUMNS, "_file", "_row", "_day")],
-                     how="vertical_relaxed")
+    days = frame["_day"].unique().implode()
+    stored = (pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert",
+                              extra_columns="ignore")
+              .select(EVENT_COLUMNS)
+              .with_columns(pl.col(TS).dt.date().alias("_day"))
+              .filter(pl.col("_day").is_in(days))
+              .collect())
+    if stored.height == 0:
+        return frame
+    stored = stored.with_columns(pl.lit(-1, dtype=pl.Int32).alias("_file"),
+                                 pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
+                                 _partition_expr(target.column))
+    return pl.concat([stored.select(frame.columns), frame], how="vertical_relaxed")
 
 
-def _write_events(
-    stage: Stage, reports: list[FileReport], config: Config, work: Path
-) -> tuple[list[str], int]:
-    """Write every touched date partition; (partition names, how many of them already existed).
+def _partition_expr(column: str) -> pl.Expr:
+    fmt = "%Y-%m" if column == events_table.EVENT_MONTH else "%Y-%m-%d"
+    return pl.col(TS).dt.strftime(fmt).alias("_part")
 
-    Partitions are written and committed on a background thread, in order, while the next date is
-    sorted: a crash still leaves each partition old or new.
+
+HELD_ROWS = 2_000_000  # month partitions: rows gathered across buckets before they are written
+
+
+def _flush(held: dict[str, list[pl.DataFrame]], writer: BackgroundWriter,
+           pending: events_table.PendingCommit) -> None:
+    """Write each gathered month as one file (copies never span buckets: they share a day)."""
+    for name in sorted(held):
+        frames = held.pop(name)
+        out = frames[0] if len(frames) == 1 else pl.concat(frames).sort(_KEY, maintain_order=True)
+        writer.submit(pending.add, out, name)
+
+
+def _write_events(stage: Stage, reports: list[FileReport], config: Config, target: _Target,
+                  pending: events_table.PendingCommit) -> dict[str, int]:
+    """Write the run's files (not yet committed); {replaced partition: events it held}.
+
+    merge: only events not already stored are written, in new files; nothing is rewritten or removed.
+    replace: every partition the run touches is replaced by the run's rows (its old files removed in
+    the same commit). Files are written on a background thread while the next bucket is sorted.
     """
     events_dir = config.paths.events_dir
     merge = config.ingest.partition_mode == "merge"
-    written: list[str] = []
-    existed = []
+    replaced: dict[str, int] = {}
+    held: dict[str, list[pl.DataFrame]] = {}
+    n_held = 0
     with BackgroundWriter() as writer:
         for bucket in range(config.ingest.staging_buckets):
             lf = stage.bucket(bucket)
             if lf is None:
                 continue
-            frame = lf.select(*EVENT_COLUMNS, "_file", "_row", pl.col(TS).dt.date().alias("_day")).collect()
+            frame = lf.select(*EVENT_COLUMNS, "_file", "_row", pl.col(TS).dt.date().alias("_day"),
+                              _partition_expr(target.column)).collect()
             stage.drop(bucket)
             if merge:
-                frame = _with_stored(frame, events_dir)
-            if frame["_day"].n_unique() == 1:  # the usual case: a bucket holds one date
-                days = {(frame["_day"][0],): frame}
-            else:
-                days = frame.partition_by("_day", as_dict=True, maintain_order=True)
+                frame = _with_stored(frame, target, events_dir)
+            # one sort per bucket (copies share a day, so never span buckets), then split by partition
+            kept, dups = _dedup(frame)
             del frame
-            for (day,), part in sorted(days.items()):
-                kept, dups = _dedup(part)
-                for i, n in _per_file(dups["_file"]):
-                    reports[i].duplicates += n
-                for i, n in _per_file(kept["_file"]):
-                    reports[i].events_written += n
-                name = day.isoformat()
-                existed.append(writer.submit(partitions.replace_partition, kept.select(EVENT_COLUMNS),
-                                             events_dir, name, work))
-                written.append(f"event_date={name}")
-            logger.debug("bucket %d: %d partitions", bucket, len(days))
-    return sorted(written), sum(f.result() for f in existed)
+            for i, n in _per_file(dups["_file"]):
+                reports[i].duplicates += n
+            new = kept.filter(pl.col("_file") >= 0)
+            del kept
+            for i, n in _per_file(new["_file"]):
+                reports[i].events_written += n
+            new = new.select(*[pl.col(c).cast(t) for c, t in target.schema.items()], "_part")
+            if new["_part"].n_unique() <= 1:  # the usual case: a bucket holds one date
+                parts = {(new["_part"][0],): new.drop("_part")} if new.height else {}
+            else:
+                parts = new.partition_by("_part", as_dict=True, maintain_order=True, include_key=False)
+            if not merge:
+                for name in set(new["_part"].unique().to_list()) - set(replaced):
+                    old = target.files.get(name, [])
+                    pending.removes += old
+                    replaced[name] = sum(f.rows or 0 for f in old)
+            for (name,), out in sorted(parts.items()):
+                if target.column == events_table.EVENT_DATE:
+                    writer.submit(pending.add, out, name)
+                else:  # a month spans buckets: gather it, one file per month (flushed if large)
+                    held.setdefault(name, []).append(out)
+                    n_held += out.height
+            logger.debug("bucket %d: %d partitions", bucket, len(parts))
+            if n_held > HELD_ROWS:
+                _flush(held, writer, pending)
+                n_held = 0
+        _flush(held, writer, pending)
+    return {k: v for k, v in sorted(replaced.items()) if target.files.get(k)}
 
 
 def _report(reports: list[FileReport], parts: list[str], plans: list[ParsePlan], config: Config,
@@ -309,21 +380,125 @@ def _report(reports: list[FileReport], parts: list[str], plans: list[ParsePlan],
     )
 
 
+_RUN_FILE = re.compile(r"part-([0-9a-f]{12})-\d+\.parquet$")
+MONTH_AFTER_DAYS = 366  # auto granularity: month when a new table's first run spans more days than this
+MONTH_BELOW_PER_DAY = 10_000  # ... and holds fewer events per day than this on average
+
+
+def _remove_orphans(events_dir: Path) -> None:
+    """Delete data files of runs that never committed (killed, or failed on a full disk)."""
+    if not events_dir.is_dir():
+        return
+    runs = {m.group(1) for f in events_dir.glob("*=*/part-*.parquet") if (m := _RUN_FILE.search(f.name))}
+    table = events_table.open_table(events_dir)
+    if table is not None:  # runs with live files committed; the log's history only for the others
+        runs -= {m.group(1) for f in events_table.table_files(table) if (m := _RUN_FILE.search(f.path))}
+    if not runs:
+        return
+    for run in sorted(runs - events_table.committed_runs(events_dir)):
+        n = events_table.remove_run_files(events_dir, run)
+        logger.warning("removed %d uncommitted file(s) of interrupted ingest run %s", n, run)
+
+
+def _granularity(stage: Stage, config: Config) -> str:
+    """The partition column of a new table: ``ingest.partition_by``, or chosen from the data's span."""
+    setting = config.ingest.partition_by
+    if setting != "auto":
+        return events_table.PARTITION_COLUMNS[setting]
+    lo = hi = None
+    n = 0
+    for bucket in range(config.ingest.staging_buckets):
+        lf = stage.bucket(bucket)
+        if lf is None:
+            continue
+        b_lo, b_hi, b_n = lf.select(pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi"),
+                                       pl.len()).collect().row(0)
+        lo = b_lo if lo is None else min(lo, b_lo)
+        hi = b_hi if hi is None else max(hi, b_hi)
+        n += b_n
+    if lo is None:
+        return events_table.EVENT_DATE
+    days = (hi - lo).days + 1
+    month = days > MONTH_AFTER_DAYS and n / days < MONTH_BELOW_PER_DAY
+    return events_table.EVENT_MONTH if month else events_table.EVENT_DATE
+
+
+def _target(stage: Stage, config: Config, plans: list[ParsePlan]) -> _Target:
+    events_dir = config.paths.events_dir
+    table = events_table.open_table(events_dir)
+    schema = {USER_ID: plans[0].user_type, ITEM_ID: plans[0].item_type, TS: TS_DTYPE,
+              WATCH_SECONDS: pl.Float64, EVENT_TYPE: pl.String}
+    if table is None:
+        return _Target(_granularity(stage, config), {}, schema)
+    column = events_table.partition_column(table)
+    wanted = config.ingest.partition_by
+    if wanted != "auto" and events_table.PARTITION_COLUMNS[wanted] != column:
+        raise IngestError(f"{events_dir}: the events table is partitioned by {column}, not by {wanted}; "
+                          "set ingest.partition_by=auto (or to the table's granularity)")
+    files: dict[str, list[events_table.TableFile]] = {}
+    for f in events_table.table_files(table):
+        files.setdefault(f.partition, []).append(f)
+    return _Target(column, files, schema)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "no space left" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def _write_failed(exc: BaseException, events_dir: Path, version: int | None) -> IngestError:
+    state = ("no events table was created" if version is None
+             else f"the events table is still at version {version}")
+    if _is_disk_full(exc):
+        return IngestError(f"{events_dir}: no space left on device while ingesting; nothing was "
+                           f"changed ({state}, quarantine and report untouched)")
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    return IngestError(f"{events_dir}: writing events failed ({type(exc).__name__}: {first}); nothing "
+                       f"was changed ({state})")
+
+
 def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = None,
                  in_memory_rows: int = IN_MEMORY_ROWS) -> IngestReport:
-    """Ingest ``inputs`` into ``config.paths.events_dir``; bad rows go to ``quarantine_dir``.
+    """Ingest ``inputs`` into the events table at ``config.paths.events_dir`` as one commit.
+
+    A full disk at any step before the commit (staging, quarantine, data files, commit) is one
+    :class:`IngestError` line naming the folder and saying that nothing was changed.
+    """
+    events_dir = config.paths.events_dir
+    before = events_table.table_version(events_dir) if events_dir.is_dir() else None
+    try:
+        return _ingest(inputs, config, now, in_memory_rows)
+    except (IngestError, OSError, pl.exceptions.PolarsError) as exc:
+        if not _is_disk_full(exc) or "no space left on device while" in str(exc):
+            raise
+        where = config.paths.data_root
+        raise _write_failed(exc, where, before) from exc
+
+
+def _ingest(inputs: list[Path], config: Config, now: datetime | None, in_memory_rows: int) -> IngestReport:
+    """Ingest ``inputs`` into the events table at ``config.paths.events_dir`` as one commit.
 
     ``now`` fixes the upper time bound (``max_future_days``) for reproducible tests. Inputs estimated
     at no more than ``in_memory_rows`` rows in all are staged in memory, larger ones on disk (see
     :mod:`recsys.data.staging`; the output is the same).
-    Raises :class:`IngestError` for file-level problems and when the bad fraction is too high (after
-    writing the quarantine, without touching events; ``err.report`` then holds the counts).
+    Raises :class:`IngestError` for file-level problems, when the bad fraction is too high (after
+    writing the quarantine, without touching events; ``err.report`` then holds the counts) and when
+    writing fails (a full disk): then nothing was changed.
     """
     started = time.perf_counter()
     if not inputs:
         raise IngestError("no input files given")
     events_dir = config.paths.events_dir
-    with partitions.ingest_workspace(config.paths.data_root, events_dir) as work:
+    with ingest_workspace(config.paths.data_root) as work:
+        _remove_orphans(events_dir)
+        if events_dir.is_dir() and not events_table.is_delta(events_dir) and any(
+                events_dir.glob("event_date=*/*.parquet")):
+            events_table.convert_legacy(events_dir)
         raws = [scan_input(Path(p), config.ingest, work) for p in inputs]
         plans = _plans(raws, config, now)
         reports = [FileReport(str(r.path), r.spec.kind, r.spec.preset, p.ts_mode)
@@ -339,10 +514,11 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
                 raise IngestError(f"{rep.source}: empty input: no data rows")
         last_rows = {i: s[2] for i, s in stats.items()
                      if s[2] is not None and raws[i].ends_with_newline is not True}
-        _write_quarantines(stage, raws, reports, last_rows, config, work)
+        quarantines = _stage_quarantines(stage, raws, reports, last_rows, config, work)
         report = _report(reports, [], plans, config, "failed", started)
         limit = config.ingest.max_bad_fraction
         if report.bad_fraction > limit:
+            _publish_quarantines(quarantines)
             raise IngestError(
                 f"{report.n_quarantined} of {report.rows_in} rows ({report.bad_fraction:.2%}) are bad, "
                 f"more than ingest.max_bad_fraction={limit:.2%}; events were not changed. Reasons: "
@@ -350,12 +526,40 @@ def ingest_files(inputs: list[Path], config: Config, *, now: datetime | None = N
                 report,
             )
         t0 = time.perf_counter()
-        parts, replaced = _write_events(stage, reports, config, work)
-        logger.info("wrote %d partitions in %.1f s", len(parts), time.perf_counter() - t0)
+        before = events_table.table_version(events_dir)
+        pending = None
+        try:
+            target = _target(stage, config, plans)
+            pending = events_table.PendingCommit(events_dir, uuid.uuid4().hex[:12], target.column)
+            replaced = _write_events(stage, reports, config, target, pending)
+            version = events_table.commit(pending, target.schema, {
+                "recsys.mode": config.ingest.partition_mode,
+                "recsys.inputs": json.dumps([str(p) for p in inputs])[:2000],
+            })
+        except IngestError:
+            raise
+        except BaseException as exc:
+            if pending is not None:
+                events_table.remove_run_files(events_dir, pending.run_id)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise _write_failed(exc, events_dir, before) from exc
+        logger.info("wrote %d files in %.1f s -> version %s", len(pending.adds), time.perf_counter() - t0,
+                    version)
+        _publish_quarantines(quarantines)
+        parts = sorted({f"{target.column}={part}" for *_, part in pending.adds} |
+                       {f"{target.column}={p}" for p in replaced})
         report = _report(reports, parts, plans, config, "ok", started)
-        report.partitions_replaced = replaced
-        report.save(events_dir.parent / REPORT_FILE)  # still under the lock: the last run's report wins
-    logger.info("ingested %d rows: %d events, %d duplicates, %d quarantined, %d partitions",
+        report.replaced = replaced
+        report.table_version = version if version is not None else before
+        report.partition_by = "month" if target.column == events_table.EVENT_MONTH else "day"
+        report.run_id = pending.run_id
+        try:
+            report.save(events_dir.parent / REPORT_FILE)  # under the lock: the last run's report wins
+        except OSError as exc:  # after the commit: the events did change, say so
+            raise IngestError(f"{events_dir.parent / REPORT_FILE}: events were committed as version "
+                              f"{report.table_version}, but the report could not be written: {exc}") from exc
+    logger.info("ingested %d rows: %d events, %d duplicates, %d quarantined, %d partitions, version %s",
                 report.rows_in, report.events_written, report.duplicates, report.n_quarantined,
-                len(parts))
+                len(parts), report.table_version)
     return report

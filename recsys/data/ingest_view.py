@@ -13,7 +13,7 @@ from recsys.data.ingest import IngestReport
 def _partition_span(parts: list[str]) -> str:
     if not parts:
         return "0"
-    days = [p.removeprefix("event_date=") for p in parts]
+    days = [p.split("=", 1)[-1] for p in parts]
     return f"{len(days):,} ({days[0]} .. {days[-1]})" if len(days) > 1 else f"1 ({days[0]})"
 
 
@@ -28,8 +28,10 @@ def ingest_tables(report: IngestReport) -> Group:
         ("events written", f"{report.events_written:,}"),
         ("duplicates removed", f"{report.duplicates:,}"),
         ("rows quarantined", f"{report.n_quarantined:,} ({report.bad_fraction:.2%})"),
-        ("partitions written", _partition_span(report.partitions)),
+        (f"partitions written (by {report.partition_by})", _partition_span(report.partitions)),
         ("  of which replaced", f"{report.partitions_replaced:,} ({report.partition_mode} mode)"),
+        ("events table version", "unchanged" if report.events_written == 0 and not report.replaced
+         else str(report.table_version)),
         ("id types (user, item)", f"{report.user_id_type}, {report.item_id_type}"),
         ("time", f"{report.seconds:.1f} s ({rate:,.0f} rows/s)"),
     ):

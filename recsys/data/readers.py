@@ -13,23 +13,31 @@ Every reader returns a lazy frame with the same shape so that validation has one
 Text (CSV/TSV/``::``) and NDJSON are read as *lines* and split with polars string expressions, never
 with a strict CSV parser: a malformed line then becomes one quarantined row instead of a failed run,
 and its text is kept verbatim. Files without a double quote are split with a plain ``splitn``; files
-with one use an anchored regex per line that honours CSV quoting (separators inside quotes, ``""``).
-A quoted field spanning several lines is not supported: its lines are quarantined, not lost.
+with one use an anchored regex per record that honours RFC 4180 quoting (separators, ``""`` and line
+breaks inside quoted fields). A record spans several lines only when a quoted field is still open at
+the end of a line (found per line with regexes, then one pass over the lines); a quote that is never
+closed within ``MAX_RECORD_LINES`` lines (or at all) is a bad one-line row, so one stray quote cannot
+swallow a file.
+
+Ids are kept as written: NDJSON objects, arrays, booleans and non-integer numbers are marked bad per
+row; Parquet columns of a type that cannot hold ids or times are an error naming file, column and type.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import polars as pl
 
 from recsys.config import IngestConfig
-from recsys.data.errors import IngestError
+from recsys.data.errors import IngestError, clip
 from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, USER_ID, WATCH_SECONDS
 
 TS_OFFSET_MS = "ts_offset_ms"  # optional milliseconds added to ts (DIGINETICA's timeframe)
@@ -41,7 +49,10 @@ SHAPE_SHORT = "__short__"  # too few fields: "truncated_last_line" on the last r
 SHAPE_LONG = "wrong_field_count"
 SHAPE_BAD_JSON = "__bad_json__"  # "truncated_last_line" on the last row, else "malformed_json"
 SHAPE_BAD_ENCODING = "bad_encoding"  # a line that is not valid UTF-8 (read with U+FFFD replacements)
+SHAPE_BAD_USER = "bad_user_id"  # NDJSON: the id is an object, array, boolean or non-integer number
+SHAPE_BAD_ITEM = "bad_item_id"
 SAMPLE_LINES = 1000
+MAX_RECORD_LINES = 1000  # a quoted field open for more lines than this is taken for a stray quote
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 
 
@@ -51,7 +62,7 @@ class Preset:
 
     name: str
     separator: str
-    has_header: bool
+    has_header: bool  # True: a header is required; False: none expected, but a matching one is accepted
     field_names: tuple[str, ...]  # the columns, in file order (checked against the header if any)
     columns: dict[str, str]  # event field -> input column
     ts_unit: str
@@ -69,14 +80,17 @@ PRESETS: dict[str, Preset] = {
                "MovieLens 1M/10M ratings.dat: '::'-separated, no header, unix seconds"),
         Preset("movielens-csv", ",", True, ("userId", "movieId", "rating", "timestamp"),
                {USER_ID: "userId", ITEM_ID: "movieId", TS: "timestamp"}, "s",
-               "MovieLens ratings.csv (ml-latest, 20M, 25M, 32M): header userId,movieId,rating,timestamp"),
+               "MovieLens ratings.csv (ml-latest, 20M, 25M, 32M): header userId,movieId,rating,timestamp "
+               "(snake_case accepted)"),
         Preset("yoochoose", ",", False, ("session_id", "timestamp", "item_id", "category"),
                {USER_ID: "session_id", ITEM_ID: "item_id", TS: "timestamp"}, "iso",
-               "YOOCHOOSE clicks.dat: session,ISO-8601 time,item,category; no header; session = user"),
+               "YOOCHOOSE clicks.dat: session,ISO-8601 time,item,category; no header (a matching header "
+               "line is accepted); session = user"),
         Preset("diginetica", ";", True, ("sessionId", "userId", "itemId", "timeframe", "eventdate"),
                {USER_ID: "sessionId", ITEM_ID: "itemId", TS: "eventdate", TS_OFFSET_MS: "timeframe"},
-               "iso", "DIGINETICA train-item-views.csv: ';'-separated; ts = eventdate + timeframe ms; "
-               "session = user"),
+               "iso", "DIGINETICA train-item-views.csv: ';'-separated, header sessionId;userId;itemId;"
+               "timeframe;eventdate or session_id;user_id;item_id;timeframe;eventdate; ts = eventdate + "
+               "timeframe ms; session = user"),
     )
 }
 
@@ -87,7 +101,7 @@ class ReadSpec:
 
     kind: str  # "text" | "parquet" | "ndjson"
     separator: str = ","
-    has_header: bool = True
+    has_header: bool | None = True  # None: a preset's optional header (used when it matches)
     field_names: tuple[str, ...] = ()  # headerless text: names of the positional columns
     columns: dict[str, str] = field(default_factory=dict)  # event field -> input column (required ones)
     optional_columns: dict[str, str] = field(default_factory=dict)  # used when present in the input
@@ -168,7 +182,7 @@ def resolve_spec(path: Path, config: IngestConfig) -> ReadSpec:
         if path.is_dir() or _strip_compression(path.name).lower().endswith((".parquet", ".pq")):
             raise IngestError(f"{path}: preset {preset.name} reads text files ({preset.description}); "
                               "drop --preset for Parquet input")
-        return ReadSpec("text", preset.separator, preset.has_header, preset.field_names,
+        return ReadSpec("text", preset.separator, True if preset.has_header else None, preset.field_names,
                         dict(preset.columns), {}, preset.ts_unit, preset.name)
     kind, separator = detect_kind(path, config)
     mapping = config.columns
@@ -202,7 +216,7 @@ def _read_lines(path: Path, query: pl.LazyFrame) -> pl.DataFrame:
     except Exception as exc:  # polars raises several error types for corrupt/compressed input
         if "utf8" in str(exc).lower() or "utf-8" in str(exc).lower():
             raise _NotUtf8(str(exc)) from exc
-        raise IngestError(f"{path}: cannot read the file as text lines: {exc}") from exc
+        raise IngestError(f"{path}: cannot read the file as text lines: {clip(exc)}") from exc
 
 
 def _sample_lines(path: Path, src: Path) -> list[str]:
@@ -222,17 +236,37 @@ def _open_binary(path: Path) -> IO[bytes]:
     return path.open("rb")
 
 
-def lossy_utf8_copy(path: Path, dest: Path, chunk: int = 1 << 22) -> Path:
-    """Decompress and re-encode ``path`` as UTF-8, invalid bytes replaced by U+FFFD (streamed)."""
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+def lossy_utf8_copy(path: Path, dest: Path, chunk: int = 1 << 22) -> tuple[Path, list[int]]:
+    """Decompress ``path`` into a UTF-8 copy, invalid bytes replaced by U+FFFD (streamed); the copy and
+    the 0-based numbers of the lines that held invalid bytes (a valid U+FFFD in the input is not one)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    bad: list[int] = []
+    line_no = 0
+    rest = b""
     with _open_binary(path) as fin, dest.open("w", encoding="utf-8", newline="") as fout:
-        while block := fin.read(chunk):
-            fout.write(decoder.decode(block))
-        fout.write(decoder.decode(b"", final=True))
-    return dest
+        while True:
+            block = fin.read(chunk)
+            data = rest + block
+            if block:
+                cut = data.rfind(b"\n") + 1
+                data, rest = data[:cut], data[cut:]
+                if not data:
+                    rest = data + rest
+                    continue
+            try:
+                fout.write(data.decode("utf-8"))
+                line_no += data.count(b"\n")
+            except UnicodeDecodeError:
+                for raw in data.splitlines(keepends=True):
+                    try:
+                        fout.write(raw.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        fout.write(raw.decode("utf-8", errors="replace"))
+                        bad.append(line_no)
+                    line_no += raw.endswith(b"\n")
+            if not block:
+                break
+    return dest, bad
 
 
 def _missing(path: Path, spec: ReadSpec, available: list[str]) -> None:
@@ -240,7 +274,7 @@ def _missing(path: Path, spec: ReadSpec, available: list[str]) -> None:
         if col not in available:
             raise IngestError(
                 f"{path}: required column {col!r} (for {fld}) not found; the file has columns "
-                f"{available}" + ("" if spec.preset is None else f" (preset {spec.preset})")
+                f"{clip(available)}" + ("" if spec.preset is None else f" (preset {spec.preset})")
             )
 
 
@@ -255,11 +289,18 @@ def _unquote(name: str) -> pl.Expr:
     return pl.when(e.str.starts_with('"')).then(inner).otherwise(e).alias(name)
 
 
+def _hex(sep: str) -> str:
+    return "".join(f"\\x{{{ord(c):x}}}" for c in sep)  # hex escape: valid in and out of [...] classes
+
+
+def _field_pattern(sep: str) -> str:
+    e = _hex(sep)
+    return rf'(\s*"(?:[^"]|"")*"\s*|(?:[^"{e}][^{e}]*)?)'
+
+
 def _csv_line_pattern(sep: str, n: int) -> str:
-    """Regex matching a line of exactly ``n`` CSV fields: quoted ("" escapes a quote) or bare."""
-    e = "".join(f"\\x{{{ord(c):x}}}" for c in sep)  # hex escape: valid in and out of [...] classes
-    one = rf'(\s*"(?:[^"]|"")*"\s*|(?:[^"{e}][^{e}]*)?)'
-    return "^" + e.join([one] * n) + "$"
+    """Regex matching a record of exactly ``n`` CSV fields: quoted ("" escapes a quote) or bare."""
+    return "^" + _hex(sep).join([_field_pattern(sep)] * n) + "$"
 
 
 def _rows_estimate(src: Path, sample: list[str]) -> int | None:
@@ -270,49 +311,128 @@ def _rows_estimate(src: Path, sample: list[str]) -> int | None:
     return round(src.stat().st_size / mean)
 
 
-def _header_names(line: str, separator: str) -> list[str]:
+def _split_header(line: str, separator: str) -> list[str]:
     line = line.lstrip("\ufeff")
     return [n.strip().strip('"').strip() for n in line.split(separator)]
 
 
-def _scan_text(path: Path, spec: ReadSpec, src: Path, lossy: bool) -> RawInput:
+def _norm(name: str) -> str:
+    """Header names compared across spellings: sessionId == session_id == SessionID."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _header(path: Path, spec: ReadSpec, first: str) -> tuple[list[str], bool, dict[str, str]]:
+    """(column names, whether the first line is a header, event field -> column) for a text file."""
+    sep = spec.separator
+    if spec.preset is None:
+        if not spec.has_header:
+            return [], False, dict(spec.columns)
+        names = _split_header(first, sep)
+        dups = sorted(n for n, k in Counter(names).items() if k > 1)
+        if dups:
+            raise IngestError(f"{path}: the header names {clip(dups)} more than once; rename the columns "
+                              f"(header: {clip(first)})")
+        return names, True, dict(spec.columns)
+    found = _split_header(first, sep)
+    expected = [_norm(n) for n in spec.field_names]
+    matches = [_norm(n) for n in found[: len(expected)]] == expected and len(found) == len(expected)
+    if matches:
+        by_norm = {_norm(n): n for n in found}
+        return found, True, {f: by_norm[_norm(c)] for f, c in spec.columns.items()}
+    if spec.has_header:  # required
+        raise IngestError(
+            f"{path}: the header does not match preset {spec.preset}: expected "
+            f"{clip(sep.join(spec.field_names))!r} (any case, with or without underscores), found "
+            f"{clip(first)!r}")
+    return list(spec.field_names), False, dict(spec.columns)
+
+
+def _record_ids(lines: pl.DataFrame, sep: str) -> np.ndarray:
+    """Record number of each line: a line continues the record before it while a quoted field is open.
+
+    Per line, regexes tell what the line does from each state (closed: it opens a quoted field it
+    does not close; open: it closes the field, and maybe opens another); one pass over the lines then
+    follows the state. A field left open for more than MAX_RECORD_LINES lines (a stray quote) makes its
+    first line a record of its own and the lines after it are read afresh.
+    """
+    e, f = _hex(sep), _field_pattern(sep)
+    unclosed = r'\s*"(?:[^"]|"")*'
+    line = pl.col("line")
+    flags = lines.select(
+        line.str.contains(rf"^(?:{f}{e})*{unclosed}$").alias("opens"),
+        line.str.contains(r'^(?:[^"]|"")*$').alias("stays"),
+        line.str.contains(rf'^(?:[^"]|"")*"\s*(?:{e}{f})*{e}{unclosed}$').alias("reopens"),
+    )
+    opens, stays, reopens = (flags[c].to_numpy() for c in ("opens", "stays", "reopens"))
+    n = len(opens)
+    starts = np.ones(n, dtype=bool)
+    i = 0
+    while i < n:
+        if not opens[i]:
+            i += 1
+            continue
+        j = i + 1  # line i opens a quoted field: follow it
+        while j < n and j - i <= MAX_RECORD_LINES and (stays[j] or reopens[j]):
+            j += 1
+        if j < n and j - i <= MAX_RECORD_LINES:  # line j closes it: lines i..j are one record
+            starts[i + 1: j + 1] = False
+            i = j + 1
+        else:  # never closed (or not before the end of the file): a stray quote; line i alone
+            i += 1
+    return np.cumsum(starts)
+
+
+def _as_records(src: Path, path: Path, sep: str) -> pl.LazyFrame:
+    """Lines joined into RFC 4180 records (``_line`` = the record's first line, ``line`` its text)."""
+    lines = _read_lines(path, pl.scan_lines(src, row_index_name="_line"))
+    ids = _record_ids(lines, sep)
+    return (lines.with_columns(pl.Series("_rec", ids))
+            .group_by("_rec", maintain_order=True)
+            .agg(pl.col("_line").first(), pl.col("line").str.join("\n"))
+            .drop("_rec").lazy())
+
+
+def _scan_text(path: Path, spec: ReadSpec, src: Path, bad_lines: list[int] | None) -> RawInput:
     sample = _sample_lines(path, src)
     nonblank = [s for s in sample if s.strip()]
     if not nonblank:
         raise IngestError(f"{path}: empty input (no lines)")
     sep = spec.separator
-    if spec.has_header:
-        names = _header_names(sample[0], sep)
-        if spec.preset is not None:
-            _missing(path, spec, names)
-    elif spec.field_names:
-        names = list(spec.field_names)
-    else:
-        body = nonblank[1:] if spec.has_header else nonblank
-        width = Counter(len(s.split(sep)) for s in body).most_common(1)[0][0]
+    names, has_header, mapping = _header(path, spec, sample[0])
+    if not names:
+        width = Counter(len(s.split(sep)) for s in nonblank).most_common(1)[0][0]
         names = [f"column_{i + 1}" for i in range(width)]
+    spec = ReadSpec(spec.kind, sep, has_header, spec.field_names, mapping, spec.optional_columns,
+                    spec.ts_unit, spec.preset)
     _missing(path, spec, names)
     n = len(names)
     line = pl.col("line")
-    parts = line.str.splitn(sep, n + 1)
-    # CSV quoting costs a regex per line: only pay for it when the file has a quote at all.
+    # CSV quoting costs a regex per line: only pay for it when the file has a quote at all, and the
+    # record joining only when some line has an odd number of quotes (a field with a line break).
     # (this full pass also proves the whole file is UTF-8 before anything is staged)
-    has_quote = pl.scan_lines(src).select(line.str.contains('"', literal=True).any())
-    quoted = _read_lines(path, has_quote).item()
+    quotes = _read_lines(path, pl.scan_lines(src).select(
+        line.str.contains('"', literal=True).any().alias("any"),
+        (line.str.count_matches('"', literal=True) % 2 == 1).any().alias("odd"))).row(0)
+    quoted, multiline = quotes[0], quotes[1] and len(sep) == 1
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in names}}
-    lf = pl.scan_lines(src, row_index_name="_line").with_columns(pl.col("_line").cast(pl.Int64))
-    if spec.has_header:
+    if multiline:
+        lf = _as_records(src, path, sep)
+    else:
+        lf = pl.scan_lines(src, row_index_name="_line")
+    lf = lf.with_columns(pl.col("_line").cast(pl.Int64))
+    if has_header:
         lf = lf.filter(pl.col("_line") >= 1).with_columns(_row=pl.col("_line"))
     else:
         lf = lf.with_columns(_row=pl.col("_line") + 1)
     # The split is materialised as a column first so that each line is split once.
+    parts = line.str.splitn(sep, n + 1)
     lf = lf.with_columns(parts.alias("_parts"))
     parts = pl.col("_parts")
     short = parts.struct.field(f"field_{n - 1}").is_null()
     none = pl.lit(None, dtype=pl.String)
     csv_quoting = quoted and len(sep) == 1
     if csv_quoting:
-        # CSV quoting: one anchored regex per line splits on separators outside quotes; a line it
+        # CSV quoting: one anchored regex per record splits on separators outside quotes; a record it
         # does not match has the wrong number of fields (or an unterminated quote).
         lf = lf.with_columns(line.str.extract_groups(_csv_line_pattern(sep, n)).alias("_groups"))
         groups = pl.col("_groups")
@@ -327,7 +447,7 @@ def _scan_text(path: Path, spec: ReadSpec, src: Path, lossy: bool) -> RawInput:
                       .otherwise(none))
     shape = (
         pl.when(line.str.contains(r"^\s*$")).then(pl.lit(SHAPE_BLANK))
-        .when(_bad_encoding(lossy)).then(pl.lit(SHAPE_BAD_ENCODING))
+        .when(_bad_encoding(bad_lines, multiline)).then(pl.lit(SHAPE_BAD_ENCODING))
         .otherwise(structural)
     )
     frame = lf.select(
@@ -346,66 +466,77 @@ def _json_path(name: str) -> str:
     return f"$.{name}" if name.isidentifier() else "$['" + name.replace("'", "\\'") + "']"
 
 
-def _bad_encoding(lossy: bool) -> pl.Expr:
-    return pl.col("line").str.contains("\ufffd", literal=True) if lossy else pl.lit(False)
+def _bad_encoding(bad_lines: list[int] | None, multiline: bool = False) -> pl.Expr:
+    """Lines (0-based ``_line``) that held bytes which are not UTF-8 (a record: its first line)."""
+    if not bad_lines:
+        return pl.lit(False)
+    bad = pl.Series(bad_lines, dtype=pl.Int64).implode()
+    if multiline:  # a record is bad when any of its lines is: count its lines from its text
+        last = pl.col("_line") + pl.col("line").str.count_matches("\n", literal=True)
+        return pl.int_ranges(pl.col("_line"), last + 1).list.eval(pl.element().is_in(bad)).list.any()
+    return pl.col("_line").cast(pl.Int64).is_in(bad)
 
 
-def _scan_ndjson(path: Path, spec: ReadSpec, src: Path, lossy: bool) -> RawInput:
+def _json_kind(key: str) -> tuple[pl.Expr, pl.Expr]:
+    """(first character of the key's JSON value, how many times the key occurs) for a raw line."""
+    k = re.escape(json.dumps(key))
+    line = pl.col("line")
+    return line.str.extract(rf"{k}\s*:\s*(\S)", 1), line.str.count_matches(rf"{k}\s*:")
+
+
+def _scan_ndjson(path: Path, spec: ReadSpec, src: Path, bad_lines: list[int] | None) -> RawInput:
+    """NDJSON read line by line: a malformed line is one quarantined row.
+
+    Ids must be JSON strings or integers: the first character of the value (found with a regex on the
+    line, the key occurring once) tells an object, array, boolean or fraction apart from a string
+    that merely looks like one, which the JSON path value alone cannot.
+    """
     sample = [s for s in _sample_lines(path, src) if s.strip()]
     if not sample:
         raise IngestError(f"{path}: empty input (no lines)")
     present = [c for c in {*spec.columns.values(), *spec.optional_columns.values()}
-               if any(f'"{c}"' in s for s in sample)]
+               if any(json.dumps(c) in s for s in sample)]
     _missing(path, spec, present)
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in present}}
     line = pl.col("line")
-    blanks = _read_lines(path, pl.scan_lines(src).select(line.str.contains(r"^\s*$").sum())).item()
-    robust = _ndjson_lines(path, spec, src, lossy, cols)
-    robust.rows_estimate = _rows_estimate(src, sample)
-    if blanks or lossy or any(not _is_json_object(s) for s in sample):
-        return robust
-    # Fast path: polars' JSON reader (~5x faster) gives every field as text; it has no row-level error
-    # handling, so a malformed line anywhere makes staging fall back to the line-by-line reader.
-    fast = pl.scan_ndjson(src, schema={c: pl.String for c in cols.values()}, row_index_name="_row",
-                          row_index_offset=1)
-    frame = fast.select(
-        pl.col("_row").cast(pl.Int64),
-        pl.lit(None, dtype=pl.String).alias("_raw"),
-        pl.lit(None, dtype=pl.String).alias("_shape"),
-        *[pl.col(c).alias(f) for f, c in cols.items()],
-    )
-    lookup = pl.scan_lines(src, row_index_name="_row", row_index_offset=1).select(
-        pl.col("_row").cast(pl.Int64), line.alias("_raw"))
-    return RawInput(path, spec, frame, list(cols), _ends_with_newline(path), raw_lookup=lookup,
-                    fallback=lambda: robust, rows_estimate=robust.rows_estimate)
-
-
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
-
-
-def _ndjson_lines(path: Path, spec: ReadSpec, src: Path, lossy: bool, cols: dict[str, str]) -> RawInput:
-    """NDJSON read line by line: a malformed line is one quarantined row."""
-    line = pl.col("line")
+    id_checks = []
+    for fld, reason in ((USER_ID, SHAPE_BAD_USER), (ITEM_ID, SHAPE_BAD_ITEM)):
+        first, count = _json_kind(cols[fld])
+        value = line.str.json_path_match(_json_path(cols[fld]))
+        number = first.str.contains(r"[-0-9]")
+        bad = (count > 1) | first.is_in(["{", "[", "t", "f"]) | (number & ~value.str.contains(r"^-?\d+$"))
+        id_checks.append((bad.fill_null(False), reason))
     shape = (
         pl.when(line.str.contains(r"^\s*$")).then(pl.lit(SHAPE_BLANK))
-        .when(_bad_encoding(lossy)).then(pl.lit(SHAPE_BAD_ENCODING))
+        .when(_bad_encoding(bad_lines)).then(pl.lit(SHAPE_BAD_ENCODING))
         .when(line.str.json_path_match("$").is_null()).then(pl.lit(SHAPE_BAD_JSON))
-        .otherwise(pl.lit(None, dtype=pl.String))
     )
+    for bad, reason in id_checks:
+        shape = shape.when(bad).then(pl.lit(reason))
+    shape = shape.otherwise(pl.lit(None, dtype=pl.String))
     frame = (
         pl.scan_lines(src, row_index_name="_line")
+        .with_columns(pl.col("_line").cast(pl.Int64))
         .select(
-            (pl.col("_line").cast(pl.Int64) + 1).alias("_row"),
+            (pl.col("_line") + 1).alias("_row"),
             line.alias("_raw"),
             shape.alias("_shape"),
             *[line.str.json_path_match(_json_path(c)).alias(f) for f, c in cols.items()],
         )
     )
-    return RawInput(path, spec, frame, list(cols), _ends_with_newline(path))
+    return RawInput(path, spec, frame, list(cols), _ends_with_newline(path),
+                    rows_estimate=_rows_estimate(src, sample))
+
+
+def _type_ok(fld: str, dtype: pl.DataType) -> bool:
+    text = dtype in (pl.String, pl.Categorical) or isinstance(dtype, (pl.Categorical, pl.Enum))
+    if fld in (USER_ID, ITEM_ID):
+        return dtype.is_integer() or text
+    if fld == TS:
+        return dtype.is_numeric() or text or dtype == pl.Date or isinstance(dtype, pl.Datetime)
+    if fld in (WATCH_SECONDS, TS_OFFSET_MS):
+        return dtype.is_numeric() or text
+    return text or dtype.is_integer()
 
 
 def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:
@@ -416,19 +547,25 @@ def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:
     else:
         lf = pl.scan_parquet(path)
     try:
-        names = list(lf.collect_schema().names())
+        schema = lf.collect_schema()
         rows = int(lf.select(pl.len()).collect().item())  # from the footers
     except Exception as exc:
-        raise IngestError(f"{path}: cannot read as Parquet: {exc}") from exc
+        raise IngestError(f"{path}: cannot read as Parquet: {clip(exc)}") from exc
+    names = list(schema.names())
     _missing(path, spec, names)
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in names}}
+    for fld, col in cols.items():
+        if not _type_ok(fld, schema[col]):
+            what = "integers or strings" if fld in (USER_ID, ITEM_ID) else "numbers, strings or datetimes"
+            raise IngestError(f"{path}: column {col!r} ({fld}) has type {schema[col]}; it must hold {what}")
     used = list(dict.fromkeys(cols.values()))
     indexed = lf.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
     frame = indexed.select(
         pl.col("_row"),
         pl.lit(None, dtype=pl.String).alias("_raw"),
         pl.lit(None, dtype=pl.String).alias("_shape"),
-        *[pl.col(c).alias(f) for f, c in cols.items()],
+        *[(pl.col(c).cast(pl.String) if isinstance(schema[c], (pl.Categorical, pl.Enum)) else pl.col(c))
+          .alias(f) for f, c in cols.items()],
     )
     lookup = indexed.select(pl.col("_row"), pl.struct(used).struct.json_encode().alias("_raw"))
     return RawInput(path, spec, frame, list(cols), raw_lookup=lookup, rows_estimate=rows)
@@ -448,7 +585,8 @@ def scan_input(path: Path, config: IngestConfig, work: Path) -> RawInput:
         raise IngestError(f"{path}: is a directory; only Parquet inputs may be directories")
     scan = _scan_ndjson if spec.kind == "ndjson" else _scan_text
     try:
-        return scan(path, spec, path, False)
+        return scan(path, spec, path, None)
     except _NotUtf8:
-        copy = lossy_utf8_copy(path, work / "utf8" / f"{len(list(work.glob('utf8/*')))}-{path.name}.txt")
-        return scan(path, spec, copy, True)
+        dest = work / "utf8" / f"{len(list(work.glob('utf8/*')))}-{path.name}.txt"
+        copy, bad = lossy_utf8_copy(path, dest)
+        return scan(path, spec, copy, bad)

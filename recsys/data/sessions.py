@@ -37,6 +37,7 @@ import polars as pl
 from recsys.config import Config, SessionsConfig
 from recsys.data.atomic_dir import fresh_tmp_dir, swap_into_place
 from recsys.data.background import BackgroundWriter
+from recsys.data.events_table import active_files, table_version
 from recsys.data.stats import find_ingest_report
 from recsys.schemas import (
     END_TS,
@@ -63,12 +64,10 @@ _LOCAL = "_local"  # sequence index within its user
 EVENTS_PER_PASS = 10_000_000
 
 
-def event_files(events_dir: Path) -> list[Path]:
-    """Parquet files of an events directory (hive ``event_date=*/``, or flat), sorted; hidden dirs skipped."""
-    events_dir = Path(events_dir)
-    if not events_dir.is_dir():
-        raise FileNotFoundError(f"events directory {events_dir} does not exist (run `recsys ingest` first)")
-    files = sorted(events_dir.glob("event_date=*/*.parquet")) or sorted(events_dir.glob("*.parquet"))
+def event_files(events_dir: Path, version: int | None = None) -> list[Path]:
+    """The live Parquet files of the events table (of ``version``), from its log; a plain Parquet folder
+    (hive or flat) is read as it is."""
+    files = active_files(Path(events_dir), version=version)
     if not files:
         raise FileNotFoundError(f"events directory {events_dir} holds no Parquet files")
     return files
@@ -113,7 +112,8 @@ def build_sessions(
     out_dir = Path(out_dir) if out_dir is not None else config.paths.sessions_dir
     started = time.perf_counter()
 
-    files = event_files(events_dir)
+    version = table_version(events_dir)  # read one version: a concurrent ingest commit is not mixed in
+    files = event_files(events_dir, version)
     source = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
     columns = [pl.col(USER_ID), pl.col(ITEM_ID), pl.col(TS).cast(TS_DTYPE)]
     if cfg.mode == "gap" and cfg.gap_from_end and WATCH_SECONDS in source.collect_schema():
@@ -175,6 +175,8 @@ def build_sessions(
             "items": int(pl.concat(out_items).n_unique()) if out_items else 0,
             "length": length_summary(all_lengths),
             "n_buckets": cfg.n_buckets,
+            "events_dir": str(Path(events_dir).resolve()),
+            "events_version": version,  # lineage: the events table version these sequences came from
             "ingest": find_ingest_report(events_dir),
         }
         elapsed = time.perf_counter() - started

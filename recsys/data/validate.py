@@ -88,29 +88,39 @@ def time_bounds(config: IngestConfig, now: datetime | None = None) -> tuple[int,
     return (lo - epoch) // timedelta(microseconds=1), (hi - epoch) // timedelta(microseconds=1)
 
 
-def _looks_int(values: pl.Series) -> float:
-    """Share of non-empty values that are integers (1.0 for integer dtypes)."""
+CANONICAL_INT = r"^-?(0|[1-9][0-9]{0,18})$"  # how an integer id is written: no sign, no leading zero
+
+
+def _canonical_share(values: pl.Series) -> tuple[float, bool]:
+    """(share of non-empty values written as canonical integers, whether any is an integer written
+    another way, like ``007`` or ``+7``); integer dtypes are canonical."""
     if values.dtype.is_integer():
-        return 1.0
-    if values.dtype.is_float():
-        v = values.drop_nulls()
-        return 1.0 if v.len() == 0 else float((v == v.round()).mean())
+        return 1.0, False
     s = values.cast(_STR).str.strip_chars()
     s = s.filter(s.is_not_null() & (s != ""))
     if s.len() == 0:
-        return 1.0
-    return float(s.cast(pl.Int64, strict=False).is_not_null().mean())
+        return 1.0, False
+    canonical = s.str.contains(CANONICAL_INT)
+    other_int = ~canonical & s.cast(pl.Int64, strict=False).is_not_null()
+    return float(canonical.mean()), bool(other_int.any())
 
 
 def choose_id_type(setting: str, samples: list[pl.Series], existing: pl.DataType | None) -> pl.DataType:
-    """Int64 or String for an id column; data already in events/ wins so partitions stay compatible."""
+    """Int64 or String for an id column; data already in events/ wins so the table keeps one type.
+
+    Ids are opaque: "auto" takes integers only when (nearly) every sampled id is written as a canonical
+    integer and none is an integer written another way (``007``, ``+7``: then ``7`` would be a
+    different user, so the column stays text). In integer mode a value that is not a canonical integer
+    is quarantined (``bad_user_id``), never normalised.
+    """
     if setting == "int":
         return pl.Int64
     if setting == "str":
         return pl.String
     if existing is not None:
         return pl.Int64 if existing.is_integer() else pl.String
-    return pl.Int64 if all(_looks_int(s) >= INT_SHARE for s in samples) else pl.String
+    shares = [_canonical_share(s) for s in samples]
+    return pl.Int64 if all(share >= INT_SHARE and not other for share, other in shares) else pl.String
 
 
 def choose_ts_mode(sample: pl.Series, ts_unit: str) -> str:
@@ -183,17 +193,19 @@ def _is_texty(dtype: pl.DataType) -> bool:
 
 
 def _id(name: str, dtype: pl.DataType, in_dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr]:
-    """(typed id, is-null-in-input) for an id column (text columns arrive cleaned)."""
+    """(typed id, is-null-in-input) for an id column (text columns arrive cleaned).
+
+    Text becomes an integer only when written canonically; anything else is null here and so
+    quarantined as a bad id. Integer columns become text as their decimal digits.
+    """
     if in_dtype.is_integer():
         raw_null = pl.col(name).is_null()
         return pl.col(name).cast(dtype, strict=False), raw_null  # UInt64 overflow -> bad id
-    if in_dtype.is_float() and dtype == pl.Int64:
-        c = pl.col(name)
-        ok = c.is_finite() & (c == c.round())
-        return pl.when(ok).then(c.cast(pl.Int64, strict=False)), c.is_null()
     text = pl.col(name).cast(_STR)
-    value = text.cast(pl.Int64, strict=False) if dtype == pl.Int64 else text
-    return value, text.is_null()
+    if dtype == pl.Int64:
+        value = pl.when(text.str.contains(CANONICAL_INT)).then(text.cast(pl.Int64, strict=False))
+        return value, text.is_null()
+    return text, text.is_null()
 
 
 def _numeric_us(text: pl.Expr, unit: str, is_float: bool = False) -> tuple[pl.Expr, pl.Expr]:
@@ -246,24 +258,56 @@ def _ts_us(in_dtype: pl.DataType, plan: ParsePlan) -> tuple[pl.Expr, pl.Expr, pl
             c = c.dt.replace_time_zone(plan.timezone, ambiguous="earliest", non_existent="null")
         us = c.dt.epoch("us").cast(pl.Float64)
         return us, pl.col(TS).is_null(), None
-    text = pl.col(TS)
-    if plan.ts_mode == "numeric":
-        us, parsed = _numeric_us(text, plan.ts_unit, in_dtype.is_float())
-    elif plan.ts_mode == "mixed":
-        num, num_ok = _numeric_us(text, plan.ts_unit)
-        if plan.iso_format is not None:
-            iso = _parse_single(text, plan.iso_format, plan.timezone).dt.epoch("us").cast(pl.Float64)
+    if plan.ts_mode == "numeric" and not _is_texty(in_dtype):  # a typed numeric column
+        us, parsed = _numeric_us(pl.col(TS), plan.ts_unit, in_dtype.is_float())
+        return us, pl.col(TS).is_null(), parsed
+    us = pl.col(TS).cast(_STR).map_batches(lambda s: parse_ts_text(s, plan), return_dtype=pl.Float64,
+                                           is_elementwise=True)
+    return us, pl.col(TS).is_null(), None
+
+
+def parse_ts_text(values: pl.Series, plan: ParsePlan) -> pl.Series:
+    """Float microseconds UTC for timestamp text, decided **per value** (null: no accepted form).
+
+    Each value is tried as a unix time, then in the file's usual ISO format (chosen on a sample, the
+    fast path), then with the general ISO-8601 parser; every step sees only the values the steps
+    before it could not read, so a file whose first rows end in ``Z`` and later ones in ``+01:00``, or
+    that mixes numbers and ISO text, costs the slow parser only for the values that need it.
+    """
+    def numeric(t: pl.Expr) -> pl.Expr:
+        us, ok = _numeric_us(t, plan.ts_unit)
+        return pl.when(ok).then(us)
+
+    def fast(t: pl.Expr) -> pl.Expr:
+        assert plan.iso_format is not None
+        return _parse_single(t, plan.iso_format, plan.timezone).dt.epoch("us").cast(pl.Float64)
+
+    def general(t: pl.Expr) -> pl.Expr:
+        return _iso_us(t, plan.timezone).cast(pl.Float64)
+
+    steps = [numeric, *([fast] if plan.iso_format else []), general]
+    if plan.ts_mode == "iso":  # mostly ISO text: try that first
+        steps = [*steps[1:], numeric]
+    out = pl.Series(values.name, [None] * len(values), dtype=pl.Float64)
+    todo = values.is_not_null()
+    for i, step in enumerate(steps):
+        if i == 0 and not values.has_nulls():
+            sub, idx = values, None
         else:
-            iso = _iso_us(text, plan.timezone).cast(pl.Float64)
-        us = pl.when(num_ok).then(num).otherwise(iso)
-        parsed = num_ok | iso.is_not_null()
-    else:
-        if plan.iso_format is not None:
-            us = _parse_single(text, plan.iso_format, plan.timezone).dt.epoch("us").cast(pl.Float64)
-        else:
-            us = _iso_us(text, plan.timezone).cast(pl.Float64)
-        parsed = None
-    return us, text.is_null(), parsed
+            idx = todo.arg_true()
+            if idx.len() == 0:
+                break
+            sub = values.gather(idx)
+        got = sub.to_frame("t").select(step(pl.col("t")).alias("us")).to_series()
+        if idx is None:
+            out = got
+            todo = got.is_null()
+            continue
+        hit = got.is_not_null()
+        if hit.any():
+            out = out.scatter(idx.filter(hit), got.filter(hit))
+            todo = todo.scatter(idx.filter(hit), False)
+    return out
 
 
 def normalise(raw: RawInput, plan: ParsePlan, file_index: int, n_buckets: int) -> pl.LazyFrame:

@@ -66,6 +66,8 @@ CSV_DATASET = "recs_csv"
 STAGING = "_staging"
 DATA_FILE = "part-0.parquet"
 CSV_FILE = "recs.csv"
+# OWASP CSV-injection rule: a cell a spreadsheet would read as a formula gets a leading quote.
+FORMULA_START = r"^[=+\-@\t\r]"
 LONG_COLUMNS = [USER_ID, RANK, ITEM_ID, SCORE, SOURCE, MODEL_NAME, MODEL_VERSION, RUN_DATE]
 SOURCES = ("model", "popular")
 
@@ -223,6 +225,15 @@ def is_complete(run_dir: Path) -> bool:
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / MANIFEST_FILE).read_text())
+
+
+def csv_safe(frame: pl.DataFrame) -> pl.DataFrame:
+    """Text columns with a ``'`` before cells starting with = + - @ (tab, CR), for recs.csv only: the
+    Parquet export keeps the raw ids, a spreadsheet opening the CSV never runs a formula from an id."""
+    return frame.with_columns(
+        pl.when(pl.col(c).str.contains(FORMULA_START)).then("'" + pl.col(c)).otherwise(pl.col(c)).alias(c)
+        for c, t in frame.schema.items() if t == pl.String
+    )
 
 
 def complete_partitions(exports_dir: Path, dataset: str = RECS_DATASET) -> list[Path]:
@@ -475,7 +486,7 @@ def publish_recs(
         return [DATA_FILE]
 
     def write_csv_file(folder: Path) -> list[str]:
-        recs.write_csv(folder / CSV_FILE)
+        csv_safe(recs).write_csv(folder / CSV_FILE)
         return [CSV_FILE]
 
     writers = {RECS_DATASET: write_long, WIDE_DATASET: write_wide_file, CSV_DATASET: write_csv_file}

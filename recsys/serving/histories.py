@@ -1,4 +1,4 @@
-"""Each user's recent viewing history, from the events Parquet, as flat index arrays for batch scoring.
+"""Each user's recent viewing history, from the events table, as flat index arrays for batch scoring.
 
 One lazy polars scan, one sort by (user, ts), then numpy on the sorted columns: no per-user Python loop,
 so a million users cost a few seconds. What a user "already watched" (for exclusion) is every known item
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys.data.events_table import active_files
 from recsys.data.vocab import Vocab
-from recsys.schemas import EVENT_DATE, ITEM_ID, TS, USER_ID
+from recsys.schemas import ITEM_ID, TS, USER_ID
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,15 @@ class Histories:
 
 
 def event_files(events_dir: Path, before: datetime | None = None) -> list[Path]:
-    """Every Parquet file of the events dataset (hive partitions or flat).
+    """The live Parquet files of the events table, listed from its log (never a glob: files of
+    uncommitted or replaced data may lie beside them), or of a plain Parquet folder; none if missing.
 
-    With ``before``, partitions ``event_date=D`` that lie wholly after it are skipped (one day of margin,
-    in case a partition date is not the UTC date of its timestamps).
+    With ``before``, partitions that lie wholly after it are skipped (one day of margin).
     """
-    files = sorted(Path(events_dir).rglob("*.parquet"))
-    if before is None:
-        return files
-    last = (before + timedelta(days=1)).date().isoformat()
-    prefix = f"{EVENT_DATE}="
-    return [f for f in files if not (f.parent.name.startswith(prefix) and f.parent.name[len(prefix):] > last)]
+    try:
+        return active_files(Path(events_dir), before=before)
+    except FileNotFoundError:
+        return []
 
 
 def _as_event_ids(users: pl.Series, dtype: pl.DataType) -> pl.Series:

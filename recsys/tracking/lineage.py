@@ -105,13 +105,21 @@ def lineage_tags(split_dir: Path, events_dir: Path | None = None, seed: int | No
         "data.split_dir": str(split_dir.resolve()),
         "data.snapshot_hash": snapshot_hash(split_dir),
     }
+    stats = read_split_stats(split_dir)
+    version = (stats.get("sessions_stage") or {}).get("events_version")
     if events_dir is not None:
         tags["data.events_dir"] = str(Path(events_dir).resolve())
+        if version is None:  # a split from before versions were recorded: the table's current one
+            from recsys.data.events_table import table_version
+
+            version = table_version(Path(events_dir))
+    if version is not None:  # reproduce with `pl.scan_delta(events_dir, version=N)`
+        tags["data.events_version"] = str(version)
     for name in (TRAIN_FILE, VALID_FILE, TEST_FILE, VOCAB_FILE):
         rows = _row_count(split_dir / name)
         if rows is not None:
             tags[f"data.rows.{name.removesuffix('.parquet')}"] = str(rows)
-    for key, value in _flat_scalars(read_split_stats(split_dir)).items():
+    for key, value in _flat_scalars(stats).items():
         lowered = key.lower()
         if "cutoff" in lowered or lowered in {"protocol", "mode"} or lowered.endswith(".protocol"):
             tags[f"data.{key}"] = str(value)

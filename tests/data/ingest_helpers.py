@@ -12,6 +12,7 @@ import polars as pl
 import zstandard
 
 from recsys.config import Config, load_config
+from recsys.data.events_table import scan_events
 from recsys.data.ingest import IngestReport, ingest_files
 from recsys.data.staging import IN_MEMORY_ROWS
 
@@ -31,9 +32,12 @@ def run(inputs: list[Path], root: Path, **ingest: Any) -> IngestReport:
     return ingest_files(inputs, make_config(root, **ingest), now=NOW, **STAGING)
 
 
-def events(root: Path) -> pl.DataFrame:
-    files = sorted((root / "events").glob("event_date=*/*.parquet"))
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+def events(root: Path, version: int | None = None) -> pl.DataFrame:
+    """The stored events (of ``version``), read through the table's log, sorted by (user, ts, item)."""
+    if not (root / "events" / "_delta_log").is_dir():
+        return pl.DataFrame()
+    frame = scan_events(root / "events", version).collect()
+    return frame.sort("user_id", "ts", "item_id", maintain_order=True)
 
 
 def quarantine(root: Path) -> pl.DataFrame:
