@@ -8,6 +8,7 @@ truncated back-propagation, as in GRU4Rec) and zeroed per slot exactly where a n
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -25,6 +26,17 @@ from recsys.model.sampling import NegativeSampler
 from recsys.model.static_step import StaticStep
 
 TABLES = ("item_out", "item_bias", "item_in")
+
+
+def rng_snapshot(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def rng_restore(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,6 +160,41 @@ class SessionParallelTrainer:
         if self.rows.shape[0] < B:
             self.rows = torch.arange(B, device=self.device)  # [B]
         return self._fused(inputs, targets, keep, active, self.sampler.draw(), state, self.seen)
+
+    def prepare(self, batch_size: int, force: bool = False) -> float:
+        """Compile the fast step (``train.compile``) before an epoch's clock starts; returns the seconds.
+
+        Runs one step on dummy inputs and then puts back everything it changed (parameters, optimiser
+        state, sampler stream, RNG, history bitmap), so training is exactly as if it had not run; the
+        compiled code (and inductor's on-disk cache) stays. A no-op without ``compile`` (unless ``force``)
+        or once done.
+        """
+        if not self.cfg.fast_step or self._fused_batch == batch_size or not (self.cfg.compile or force):
+            return 0.0
+        t0 = time.perf_counter()
+        model, opt = self.model, self.optimizer
+        saved_tensors = [t.clone() for t in self._mutable_tensors()]
+        saved = (opt.step_count, self.sampler.state_dict(), rng_snapshot(self.device), self.seen)
+        B = batch_size
+        if self.track_seen:
+            self.seen = torch.zeros(B, model.n_items, dtype=torch.bool, device=self.device)  # [B, n_items]
+        zeros = torch.zeros(B, dtype=torch.int64, device=self.device)  # [B]
+        keep = torch.zeros(B, device=self.device)  # [B]
+        self.fast_step(zeros, zeros, keep, None, model.init_state(B, self.device))
+        for dst, src in zip(self._mutable_tensors(), saved_tensors, strict=True):
+            dst.copy_(src)
+        opt.step_count, sampler_state, rng, self.seen = saved
+        self.sampler.load_state_dict(sampler_state)
+        rng_restore(rng, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def _mutable_tensors(self) -> list[Tensor]:
+        """Every tensor a step updates in place (what ``prepare`` must restore)."""
+        opt = self.optimizer
+        tables = [*opt.table_acc.values(), *opt.table_vel.values()]
+        return [p.data for p in self.model.parameters()] + opt.dense_acc + opt.dense_vel + tables
 
     def plain_step(self, inputs: Tensor, targets: Tensor, keep: Tensor, active: Tensor | None, state: Tensor):
         """Autograd over the network's own forward: the reference the fast step is tested against."""

@@ -43,11 +43,13 @@ CASES += [
 ]
 
 
-def _train_steps(fast: bool, mcfg: ModelConfig, tcfg: TrainConfig, steps: int = 4, static: bool = False):
+def _train_steps(
+    fast: bool, mcfg: ModelConfig, tcfg: TrainConfig, steps: int = 4, static: bool = False, trainer=None
+):
     """A few steps on random batches with slot resets and idle slots; (losses, final parameters)."""
     torch.manual_seed(0)
-    model = GRU4Rec(N_ITEMS, mcfg)
-    trainer = SessionParallelTrainer(
+    model = GRU4Rec(N_ITEMS, mcfg) if trainer is None else trainer.model
+    trainer = trainer or SessionParallelTrainer(
         model,
         tcfg.model_copy(update={"fast_step": fast}),
         np.arange(1, N_ITEMS + 1),
@@ -140,3 +142,21 @@ def test_cuda_graphs_need_the_fast_step():
             np.ones(5),
             torch.device("cpu"),
         )
+
+
+def test_prepare_leaves_training_unchanged():
+    """prepare() runs a throw-away step (to compile it) and puts back everything that step changed."""
+    mcfg = ModelConfig(hidden_size=8, history_bias=True, dropout_hidden=0.2)
+    tcfg = TrainConfig(batch_size=6, n_sample=10, mask_seen_negatives=True, momentum=0.3)
+    plain_run = _train_steps(True, mcfg, tcfg, steps=3)
+    torch.manual_seed(0)
+    model = GRU4Rec(N_ITEMS, mcfg)
+    trainer = SessionParallelTrainer(model, tcfg, np.arange(1, N_ITEMS + 1), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert trainer.prepare(6, force=True) > 0
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    prepared_run = _train_steps(True, mcfg, tcfg, steps=3, trainer=trainer)
+    assert prepared_run[0] == plain_run[0]
+    for key, value in plain_run[1].items():
+        assert torch.equal(prepared_run[1][key], value), key
