@@ -73,7 +73,8 @@ def test_non_finite_loss_names_epoch_and_step(tmp_path, split_dir, monkeypatch, 
 
     monkeypatch.setattr(module, name, poisoned)
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 4"):
-        train_model(_config(tmp_path, "train.epochs=1", f"train.fast_step={fast}"), split_dir, evaluate_test=False)
+        config = _config(tmp_path, "train.epochs=1", f"train.fast_step={fast}")
+        train_model(config, split_dir, evaluate_test=False)
 
 
 def test_seen_negative_bitmap_follows_slot_resets(tmp_path, split_dir):
