@@ -460,7 +460,7 @@ def print_tables(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=150)
     for key, title in (
         ("accuracy", "ml-100k leave-one-out, test, full ranking, conservative ties"),
         ("temporal", "ml-latest-small temporal, test"),
@@ -506,7 +506,7 @@ def print_tables(result: dict) -> None:
             title=f"training speed, {title}: events/s per epoch, hidden 100, batch 64, n_sample 512, "
             f"cross-entropy, shared embedding, {sp['threads']} thread(s), {sp['device']}"
         )
-        for col in ("epoch", *names, "loss (" + " / ".join(names) + ")", "load before -> after"):
+        for col in ("epoch", *names, "loss (" + " / ".join(names) + ")", "load (1 min) before -> after"):
             table.add_column(col)
         n_epochs = len(sp["variants"][names[0]]["epochs"])
         for i in range(n_epochs):
@@ -515,7 +515,7 @@ def print_tables(result: dict) -> None:
                 str(i + 1),
                 *(f"{e['events_per_second']:,.0f}" for e in eps),
                 " / ".join(f"{e['loss']:.4f}" for e in eps),
-                f"{eps[0]['load_before']} -> {eps[-1]['load_after']}",
+                f"{eps[0]['load_before'].split()[0]} -> {eps[-1]['load_after'].split()[0]}",
             )
         table.add_row(
             "first/later", *(f"{sp['variants'][n]['first_vs_later']:.2f}" for n in names), "", ""

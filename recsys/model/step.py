@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from recsys.config import TrainConfig
+from recsys.model.allocator import retain_freed_memory
 from recsys.model.batching import DevicePlan
 from recsys.model.fused_step import FusedStep
 from recsys.model.gru4rec import GRU4Rec
@@ -74,6 +75,8 @@ class SessionParallelTrainer:
         ``train.cuda_graphs`` captures it, i.e. on CUDA); tests turn it on for CPU."""
         if cfg.cuda_graphs and not cfg.fast_step:
             raise ValueError("train.cuda_graphs needs train.fast_step=true (the plain step is not static)")
+        if device.type == "cpu":
+            retain_freed_memory()  # no page faults per step (the first-epoch slowdown): see allocator
         self.model = model
         self.mask_seen = bool(cfg.mask_seen_negatives) if mask_seen is None else mask_seen
         self.cfg = cfg
