@@ -94,11 +94,11 @@ def cross_entropy_grad(scores: Tensor, mask: Tensor, weight: Tensor, eye: Tensor
     """Sampled softmax cross-entropy and its score gradient: (loss [], d scores [B, C]).
 
     ``weight`` [B] is the per-row loss weight already divided by the batch size (0 for idle rows);
-    ``eye`` [B, C] is 1 on the diagonal of the first B columns (the positives).
+    ``eye`` [B, C] is 1 on the diagonal of the first B columns (the positives). Overwrites ``scores``.
     """
-    logp = torch.log_softmax(scores.masked_fill(mask, float("-inf")), dim=1)  # [B, C]
+    logp = torch.log_softmax(scores.masked_fill_(mask, float("-inf")), dim=1)  # [B, C] (scores reused)
     loss = -(logp[:, : eye.shape[0]].diagonal() * weight).sum()  # []
-    return loss, (logp.exp() - eye) * weight.unsqueeze(1)  # [], [B, C]
+    return loss, logp.exp_().sub_(eye).mul_(weight.unsqueeze(1))  # [], [B, C] softmax - onehot, in place
 
 
 def bpr_max_grad(
@@ -209,9 +209,15 @@ class FusedStep:
             seen.mul_(keep.view(-1, 1).to(seen.dtype))  # [B, n_items]
             seen[self.trainer.rows[:B], inputs] = True  # [B, n_items]
             seen_cols = seen.index_select(1, cols)  # [B, C]
-        out_rows = model.item_out.index_select(0, cols)  # [C, H]
+        C = cols.shape[0]
+        if self.shared:  # one gather for the output and the input rows (one table)
+            out_idx = torch.cat([cols, inputs])  # [C + B]
+            rows = model.item_out.index_select(0, out_idx)  # [C + B, H]
+            out_rows, in_rows = rows[:C], rows[C:]  # [C, H], [B, H]
+        else:
+            out_rows = model.item_out.index_select(0, cols)  # [C, H]
+            in_rows = model.item_in.index_select(0, inputs)  # [B, I]
         bias_rows = model.item_bias.index_select(0, cols)  # [C]
-        in_rows = model.input_table().index_select(0, inputs)  # [B, I]
 
         # --- forward --------------------------------------------------------------------------------
         caches: list[_LayerCache] = []
@@ -271,7 +277,7 @@ class FusedStep:
         params = [p for p in self.dense if p in grads]
         sparse = {"item_bias": (cols, d_bias_rows)}
         if self.shared:
-            sparse["item_out"] = (torch.cat([cols, inputs]), torch.cat([d_out_rows, d_in_rows]))
+            sparse["item_out"] = (out_idx, torch.cat([d_out_rows, d_in_rows]))
         else:
             sparse["item_out"] = (cols, d_out_rows)
             sparse["item_in"] = (inputs, d_in_rows)
