@@ -144,6 +144,7 @@ class FusedStep:
         self.eye = eye  # [B, C]
         self.off_diagonal = eye == 0  # [B, C]
         self.all_active = torch.ones(B, dtype=torch.bool, device=dev)  # [B]
+        self.true = torch.ones((), dtype=torch.bool, device=dev)  # [] written into the history bitmap
         self.sample_valid = torch.ones(self.cfg.n_sample, dtype=torch.bool, device=dev)  # [n_sample]
         self.dense = trainer.optimizer.dense  # parameters in the optimiser's order
         self.shared = model.item_in is None
@@ -207,7 +208,7 @@ class FusedStep:
         seen_cols = None
         if seen is not None:
             seen.mul_(keep.view(-1, 1).to(seen.dtype))  # [B, n_items]
-            seen[self.trainer.rows[:B], inputs] = True  # [B, n_items]
+            seen.index_put_((self.trainer.rows[:B], inputs), self.true)  # [B, n_items] (device scalar)
             seen_cols = seen.index_select(1, cols)  # [B, C]
         C = cols.shape[0]
         if self.shared:  # one gather for the output and the input rows (one table)
