@@ -5,7 +5,10 @@
 
 Parts: ``accuracy`` ml-100k leave-one-out; ``temporal`` ml-latest-small, temporal split; ``synthetic``
 the generator's viewing logs through the whole pipeline with ``conf/`` as it ships (gap sessions,
-temporal split); ``speed`` training events/s at the issue's fixed setting.
+temporal split); ``speed`` training events/s at the issue's fixed setting on ml-100k and on the
+generated data, the plain (autograd) step, the hand-written step and the compiled hand-written step
+side by side, every epoch including the first; ``speed-gpu`` (not in the default set) the GPU figures
+for benchmarks/device_check.sh.
 
 Prints a rich table and writes ``benchmarks/results/bench_train.json``. The MovieLens files are read
 from ``../shared/data`` (or ``--data``), never copied into the repository. Splits are built by the
@@ -281,8 +284,31 @@ def summarize(per_seed: list[dict]) -> dict:
     return summary
 
 
-def run_speed(split_dir: Path, root: Path, device: str, threads: int | None, log) -> dict:
-    """Training events/s of one epoch at the fixed speed setting (no validation in the timed part)."""
+# Step variants timed side by side (same data, seed and settings): the autograd reference, the
+# hand-written step, and the hand-written step compiled by inductor (compile time reported apart).
+SPEED_VARIANTS = (
+    ("plain", ["train.fast_step=false", "train.compile=false"]),
+    ("fast", ["train.fast_step=true", "train.compile=false"]),
+    ("fast+compile", ["train.fast_step=true", "train.compile=true"]),
+)
+
+
+def run_speed(
+    split_dir: Path,
+    root: Path,
+    device: str,
+    threads: int | None,
+    log,
+    epochs: int = 3,
+    extra: list[str] = (),
+    variants=SPEED_VARIANTS,
+) -> dict:
+    """Training events/s per epoch, the first included, of every step variant at the fixed speed setting.
+
+    Epoch e of every variant runs before epoch e + 1 of any (and the variants rotate their order), so
+    a change of machine load hits them alike; ``uptime`` load is recorded beside each epoch. The epoch
+    plan is reshuffled per epoch as in training and shared by the variants. No validation is timed.
+    """
     import torch
 
     from recsys.data.sequences import load_sequences
@@ -290,43 +316,140 @@ def run_speed(split_dir: Path, root: Path, device: str, threads: int | None, log
     from recsys.model.batching import plan_epoch
     from recsys.model.gru4rec import GRU4Rec
     from recsys.model.step import SessionParallelTrainer
-    from recsys.training.train import _cpu_threads
+    from recsys.training.epochs import _cpu_threads
 
-    cfg = bench_config(root, "leave_one_out", [*SPEED_OVERRIDES, f"train.device={device}"], profile=None)
-    dev = resolve_device(cfg.train.device)
     vocab = Vocab.load(split_dir / "vocab.parquet")
     train = load_sequences(split_dir / "train.parquet", vocab)
-    torch.manual_seed(0)
-    model = GRU4Rec(len(vocab), cfg.model).to(dev)
-    trainer = SessionParallelTrainer(model, cfg.train, vocab.counts, dev)
-    out = {"device": str(dev), "threads": threads or 1, "epochs": []}
-    t_plan = time.perf_counter()
-    plan = plan_epoch(train, cfg.train.batch_size, np.random.default_rng(0))
-    dplan = plan.to_torch(dev)
-    out["plan_seconds"] = time.perf_counter() - t_plan
-    with _cpu_threads(dev, threads):
-        for epoch in range(1, 4):
+    trainers, out = {}, {"variants": {}}
+    for name, sets in variants:
+        cfg = bench_config(
+            root, "leave_one_out", [*SPEED_OVERRIDES, f"train.device={device}", *extra, *sets], profile=None
+        )
+        dev = resolve_device(cfg.train.device)
+        torch.manual_seed(0)
+        model = GRU4Rec(len(vocab), cfg.model).to(dev)
+        trainer = SessionParallelTrainer(model, cfg.train, vocab.counts, dev)
+        with _cpu_threads(dev, threads):
+            prep = trainer.prepare(cfg.train.batch_size)
+        trainers[name] = trainer
+        out["variants"][name] = {"settings": sets, "prepare_seconds": prep, "epochs": []}
+        if prep:
+            log(f"  {name}: compiled in {prep:.1f} s (load {load_avg()})")
+    out |= {"device": str(dev), "threads": threads or 1, "batch_size": cfg.train.batch_size}
+    for epoch in range(1, epochs + 1):
+        plan = plan_epoch(train, cfg.train.batch_size, np.random.default_rng([0, epoch]))
+        dplan = plan.to_torch(dev)
+        names = list(trainers)
+        names = names[epoch - 1 :] + names[: epoch - 1]  # rotate who goes first
+        for name in names:
             load_before = load_avg()
             t0 = time.perf_counter()
-            trainer.run_epoch(dplan, epoch)
+            with _cpu_threads(dev, threads):
+                loss = trainers[name].run_epoch(dplan, epoch)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             sec = time.perf_counter() - t0
-            out["epochs"].append(
+            out["variants"][name]["epochs"].append(
                 {
+                    "epoch": epoch,
                     "seconds": sec,
                     "events_per_second": plan.n_events / sec,
+                    "loss": loss,
                     "load_before": load_before,
                     "load_after": load_avg(),
                 }
             )
             log(
-                f"  speed epoch {epoch}: {plan.n_events / sec:,.0f} events/s ({sec:.2f} s, load {load_avg()})"
+                f"  {name} epoch {epoch}: {plan.n_events / sec:,.0f} events/s ({sec:.2f} s, loss {loss:.4f}, "
+                f"load {load_avg()})"
             )
-    out["n_events"] = plan.n_events
-    out["n_steps"] = plan.n_steps
-    out["best_events_per_second"] = max(e["events_per_second"] for e in out["epochs"])
+        out["n_events"], out["n_steps"] = plan.n_events, plan.n_steps
+    for v in out["variants"].values():
+        rates = [e["events_per_second"] for e in v["epochs"]]
+        v["first_epoch_events_per_second"] = rates[0]
+        v["later_epochs_events_per_second"] = float(np.mean(rates[1:])) if len(rates) > 1 else rates[0]
+        v["first_vs_later"] = rates[0] / v["later_epochs_events_per_second"]
+    if "plain" in out["variants"]:
+        base = [e["events_per_second"] for e in out["variants"]["plain"]["epochs"]]
+        for v in out["variants"].values():  # per epoch ratio, then the mean: both ran under the same load
+            ratios = [e["events_per_second"] / b for e, b in zip(v["epochs"], base, strict=True)]
+            v["speedup_vs_plain"] = float(np.mean(ratios))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def synthetic_sequences(n_events: int, n_items: int, mean_length: float, seed: int = 0):
+    """A SequenceSet of ``n_events`` items drawn from a Zipf-like popularity (geometric lengths >= 2),
+    built directly with numpy: the GPU speed part needs 10M events in seconds, not the whole pipeline."""
+    from recsys.data.sequences import SequenceSet
+
+    rng = np.random.default_rng(seed)
+    n_seq = max(1, int(n_events / mean_length))
+    lengths = 2 + rng.geometric(1.0 / max(mean_length - 1, 1.0), size=n_seq)  # [S]
+    lengths = lengths[np.cumsum(lengths) <= n_events]
+    weights = 1.0 / np.arange(1, n_items + 1) ** 0.9  # [n_items]
+    items = rng.choice(n_items, size=int(lengths.sum()), p=weights / weights.sum())  # [N]
+    counts = np.bincount(items, minlength=n_items)  # [n_items]
+    seqs = SequenceSet(
+        items=items.astype(np.int64),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        n_context=np.zeros(len(lengths), dtype=np.int64),
+        user_ids=pl.Series("user_id", np.arange(len(lengths))),
+    )
+    return seqs, counts
+
+
+def run_speed_gpu(log, n_events: int = 10_000_000, n_items: int = 100_000, steps: int = 1500) -> dict:
+    """GPU training events/s: batch 64 and 512, n_sample 2048, hidden 100; CUDA graphs and bf16 on/off,
+    and the plain step for reference. Each cell times ``steps`` steps after 20 warm-up steps (which
+    include the graph capture) of one epoch over ``n_events`` synthetic events."""
+    import torch
+
+    from recsys.config import TrainConfig
+    from recsys.model.batching import DevicePlan, plan_epoch
+    from recsys.model.gru4rec import GRU4Rec
+    from recsys.model.step import SessionParallelTrainer
+
+    if not torch.cuda.is_available():
+        log("  no CUDA: GPU speed part skipped")
+        return {"skipped": "no CUDA"}
+    dev = torch.device("cuda")
+    t0 = time.perf_counter()
+    seqs, counts = synthetic_sequences(n_events, n_items, mean_length=20.0)
+    out: dict = {"device": torch.cuda.get_device_name(dev), "n_events": int(len(seqs.items)),
+                 "n_items": n_items, "data_seconds": time.perf_counter() - t0, "runs": []}
+    cfg0 = bench_config(Path(tempfile.gettempdir()), "leave_one_out", SPEED_OVERRIDES, profile=None)
+    for batch in (64, 512):
+        plan = plan_epoch(seqs, batch, np.random.default_rng(0))
+        n = min(plan.n_steps, steps + 20)
+        dplan = plan.to_torch(dev)
+        for fast, graphs, amp in ((False, False, True), (True, False, False), (True, False, True),
+                                  (True, True, False), (True, True, True)):
+            tcfg = TrainConfig(**(cfg0.train.model_dump() | {
+                "batch_size": batch, "n_sample": 2048, "fast_step": fast, "cuda_graphs": graphs, "amp": amp,
+                "device": "cuda"}))
+            torch.manual_seed(0)
+            model = GRU4Rec(n_items, cfg0.model).to(dev)
+            trainer = SessionParallelTrainer(model, tcfg, counts, dev)
+            warm = DevicePlan(dplan.inputs[:20], dplan.targets[:20], dplan.keep[:20], dplan.active[:20],
+                              dplan.all_active[:20])
+            timed = DevicePlan(dplan.inputs[20:n], dplan.targets[20:n], dplan.keep[20:n],
+                               dplan.active[20:n], dplan.all_active[20:n])
+            trainer.run_epoch(warm, 1)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = trainer.run_epoch(timed, 1)
+            torch.cuda.synchronize()
+            sec = time.perf_counter() - start
+            events = int(plan.active[20:n].sum())
+            row = {"batch_size": batch, "step": "fast" if fast else "plain", "cuda_graphs": graphs,
+                   "bf16": amp, "events_per_second": events / sec, "steps_per_second": (n - 20) / sec,
+                   "loss": loss}
+            out["runs"].append(row)
+            log(f"  gpu batch {batch} {row['step']} graphs={graphs} bf16={amp}: "
+                f"{row['events_per_second']:,.0f} events/s")
+            del trainer, model
+            torch.cuda.empty_cache()
     return out
 
 
@@ -337,7 +460,7 @@ def print_tables(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=150)
     for key, title in (
         ("accuracy", "ml-100k leave-one-out, test, full ranking, conservative ties"),
         ("temporal", "ml-latest-small temporal, test"),
@@ -374,26 +497,50 @@ def print_tables(result: dict) -> None:
                         "",
                     )
         console.print(table)
-    if "speed" in result:
-        sp = result["speed"]
+    for key, title in (("speed", "ml-100k"), ("speed_synthetic", "synthetic")):
+        if key not in result or "variants" not in result[key]:
+            continue
+        sp = result[key]
+        names = list(sp["variants"])
         table = Table(
-            title="training speed, ml-100k, hidden 100, batch 64, n_sample 512, cross-entropy, shared"
+            title=f"training speed, {title}: events/s per epoch, hidden 100, batch 64, n_sample 512, "
+            f"cross-entropy, shared embedding, {sp['threads']} thread(s), {sp['device']}"
         )
-        for col in ("epoch", "events/s", "seconds", "load before", "load after"):
+        for col in ("epoch", *names, "loss (" + " / ".join(names) + ")", "load (1 min) before -> after"):
             table.add_column(col)
-        for i, e in enumerate(sp["epochs"], 1):
+        n_epochs = len(sp["variants"][names[0]]["epochs"])
+        for i in range(n_epochs):
+            eps = [sp["variants"][n]["epochs"][i] for n in names]
             table.add_row(
-                str(i),
-                f"{e['events_per_second']:,.0f}",
-                f"{e['seconds']:.2f}",
-                e["load_before"],
-                e["load_after"],
+                str(i + 1),
+                *(f"{e['events_per_second']:,.0f}" for e in eps),
+                " / ".join(f"{e['loss']:.4f}" for e in eps),
+                f"{eps[0]['load_before'].split()[0]} -> {eps[-1]['load_after'].split()[0]}",
             )
-        console.print(table)
-        console.print(
-            f"device {sp['device']}, threads {sp['threads']}, peak RSS {sp['peak_rss_mb']:.0f} MB, "
-            f"reference GRU4Rec 14,100 events/s idle, target 30,000"
+        table.add_row(
+            "first/later", *(f"{sp['variants'][n]['first_vs_later']:.2f}" for n in names), "", ""
         )
+        table.add_row(
+            "vs plain", *(f"{sp['variants'][n].get('speedup_vs_plain', float('nan')):.2f}x" for n in names),
+            "", "",
+        )
+        console.print(table)
+        compiled = {n: v["prepare_seconds"] for n, v in sp["variants"].items() if v["prepare_seconds"]}
+        console.print(
+            f"{sp['n_events']:,} events, {sp['n_steps']:,} steps per epoch; compile time (before epoch 1): "
+            + (", ".join(f"{n} {s:.1f} s" for n, s in compiled.items()) or "none")
+            + f"; peak RSS {sp['peak_rss_mb']:.0f} MB; target >= 50,000 events/s, first epoch within 10%"
+        )
+    if "speed_gpu" in result and "runs" in result["speed_gpu"]:
+        sg = result["speed_gpu"]
+        table = Table(title=f"GPU training speed ({sg['device']}, {sg['n_events']:,} synthetic events, "
+                      f"{sg['n_items']:,} items, hidden 100, n_sample 2048)")
+        for col in ("batch", "step", "CUDA graphs", "bf16", "events/s", "steps/s"):
+            table.add_column(col)
+        for r in sg["runs"]:
+            table.add_row(str(r["batch_size"]), r["step"], str(r["cuda_graphs"]), str(r["bf16"]),
+                          f"{r['events_per_second']:,.0f}", f"{r['steps_per_second']:,.0f}")
+        console.print(table)
 
 
 def merge(files: list[Path], out: Path) -> None:
@@ -417,9 +564,11 @@ def merge(files: list[Path], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="accuracy,speed,temporal,synthetic")
+    parser.add_argument("--part", default="accuracy,speed,temporal,synthetic", help="also: speed-gpu")
     parser.add_argument("--synthetic-events", type=int, default=300_000, help="size of the synthetic set")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--speed-epochs", type=int, default=3, help="epochs per step variant (speed)")
+    parser.add_argument("--gpu-events", type=int, default=10_000_000, help="synthetic events (speed-gpu)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -462,8 +611,10 @@ def main() -> None:
             split_dir, how = prepare_split("ml-100k", "leave_one_out", args.data, root, args.split_source)
             result["split_ml100k"] = how
             if "speed" in parts:
-                log(f"speed (load {load_avg()})")
-                result["speed"] = run_speed(split_dir, root, args.device, args.threads, log)
+                log(f"speed ml-100k (load {load_avg()})")
+                result["speed"] = run_speed(
+                    split_dir, root, args.device, args.threads, log, args.speed_epochs, args.sets
+                )
             if "accuracy" in parts:
                 log(f"accuracy ml-100k leave-one-out (load {load_avg()})")
                 result["accuracy"] = run_accuracy(
@@ -477,6 +628,16 @@ def main() -> None:
             result["temporal"] = run_accuracy(
                 split_dir, root, "temporal", seeds, args.device, log, args.sets
             )
+        if "speed" in parts:
+            root = Path(tmp) / "speed_synthetic"
+            split_dir = prepare_synthetic(root, args.synthetic_events)
+            log(f"speed synthetic, {args.synthetic_events:,} generated events (load {load_avg()})")
+            result["speed_synthetic"] = run_speed(
+                split_dir, root, args.device, args.threads, log, args.speed_epochs, args.sets
+            )
+        if "speed-gpu" in parts:
+            log(f"speed GPU (load {load_avg()})")
+            result["speed_gpu"] = run_speed_gpu(log, args.gpu_events)
         if "synthetic" in parts:
             root = Path(tmp) / "synthetic"
             split_dir = prepare_synthetic(root, args.synthetic_events)

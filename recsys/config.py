@@ -198,7 +198,11 @@ class TrainConfig(Section):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA only
-    compile: bool = False  # torch.compile the step's forward/backward (CUDA: measure before enabling)
+    compile: bool = False  # torch.compile the plain step's forward/backward (CUDA: measure before enabling)
+    # the hand-written step (forward, backward, update in few static-shape ops); false: autograd (reference)
+    fast_step: bool = True
+    # CUDA only: capture the fast step once as a CUDA graph and replay it (needs fast_step, adagrad_momentum)
+    cuda_graphs: bool = False
     # torch CPU threads for the training step; None = 1 (fastest measured on a shared 2-core box)
     threads: int | None = Field(None, ge=1)
     run_name: str = "gru4rec"  # checkpoints go to paths.checkpoints_dir / run_name

@@ -106,24 +106,38 @@ class SparseRowOptimizer:
         """One update: dense params from ``.grad``; tables from ``{name: (indices [K], grads [K, ...])}``."""
         self.step_count += 1
         params = [p for p in self.dense if p.grad is not None]
-        grads = [p.grad for p in params]
-        acc = [a for p, a in zip(self.dense, self.dense_acc, strict=True) if p.grad is not None]
-        vel = [v for p, v in zip(self.dense, self.dense_vel, strict=True) if p.grad is not None]
+        self.update(params, [p.grad for p in params], sparse_grads, self.step_count)
+        for p in params:
+            p.grad = None
+
+    @torch.no_grad()
+    def update(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        sparse_grads: dict[str, tuple[Tensor, Tensor]],
+        step_count: int | Tensor,
+    ) -> None:
+        """The update itself, from explicit gradients: dense ``params`` (a subset of the optimiser's, in its
+        order) with ``grads``; tables from ``{name: (indices [K], grads [K, ...])}``. Only tensor
+        operations and no Python state change, so the fast step can compile it or capture it in a CUDA
+        graph; ``step_count`` (1-based, Adam's bias correction) may be a tensor for that reason."""
+        slot = {id(p): i for i, p in enumerate(self.dense)}
+        acc = [self.dense_acc[slot[id(p)]] for p in params]
+        vel = [self.dense_vel[slot[id(p)]] for p in params]
         summed = {k: (idx, self._sum_rows(k, idx, g)) for k, (idx, g) in sparse_grads.items()}
         scale = self._clip_scale(grads, summed)
         if scale is not None:
             if grads:
-                torch._foreach_mul_(grads, scale)
+                grads = torch._foreach_mul(grads, scale)
             summed = {k: (idx, rows * scale) for k, (idx, rows) in summed.items()}
         if params:
-            self._dense_update(params, grads, acc, vel)
+            self._dense_update(params, grads, acc, vel, step_count)
         for name, (idx, rows) in summed.items():
-            self._row_update(name, idx, rows)
-        for p in params:
-            p.grad = None
+            self._row_update(name, idx, rows, step_count)
 
     def _dense_update(
-        self, params: list[Tensor], grads: list[Tensor], acc: list[Tensor], vel: list[Tensor]
+        self, params: list[Tensor], grads: list[Tensor], acc: list[Tensor], vel: list[Tensor], step_count
     ) -> None:
         if self.kind == "adagrad_momentum":
             torch._foreach_addcmul_(acc, grads, grads)  # G += g^2
@@ -141,13 +155,16 @@ class SparseRowOptimizer:
         torch._foreach_lerp_(vel, grads, 1 - b1)  # m
         torch._foreach_mul_(acc, b2)
         torch._foreach_addcmul_(acc, grads, grads, value=1 - b2)  # v
-        c1, c2 = 1 - b1**self.step_count, 1 - b2**self.step_count
+        c1, c2 = 1 - b1**step_count, 1 - b2**step_count
         denom = torch._foreach_div(acc, c2)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, vel, denom, value=-self.lr / c1)
+        if isinstance(c1, Tensor):
+            torch._foreach_addcdiv_(params, torch._foreach_mul(vel, -self.lr / c1), denom)
+        else:
+            torch._foreach_addcdiv_(params, vel, denom, value=-self.lr / c1)
 
-    def _row_update(self, name: str, idx: Tensor, g: Tensor) -> None:
+    def _row_update(self, name: str, idx: Tensor, g: Tensor, step_count) -> None:
         """Update rows ``idx`` of table ``name`` (duplicates carry identical values, so writes agree)."""
         p, acc, vel = self.tables[name], self.table_acc[name], self.table_vel[name]
         if self.kind == "adagrad_momentum":
@@ -166,5 +183,5 @@ class SparseRowOptimizer:
         v = acc.index_select(0, idx).mul_(b2).addcmul_(g, g, value=1 - b2)  # [K, ...]
         vel.index_copy_(0, idx, m)
         acc.index_copy_(0, idx, v)
-        c1, c2 = 1 - b1**self.step_count, 1 - b2**self.step_count
+        c1, c2 = 1 - b1**step_count, 1 - b2**step_count
         p.index_copy_(0, idx, p.index_select(0, idx) - (self.lr / c1) * m / ((v / c2).sqrt() + self.eps))

@@ -8,6 +8,7 @@ truncated back-propagation, as in GRU4Rec) and zeroed per slot exactly where a n
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -16,13 +17,27 @@ import torch
 from torch import Tensor
 
 from recsys.config import TrainConfig
+from recsys.model.allocator import retain_freed_memory
 from recsys.model.batching import DevicePlan
+from recsys.model.fused_step import FusedStep
 from recsys.model.gru4rec import GRU4Rec
 from recsys.model.losses import sampled_loss
 from recsys.model.optim import SparseRowOptimizer
 from recsys.model.sampling import NegativeSampler
+from recsys.model.static_step import StaticStep
 
 TABLES = ("item_out", "item_bias", "item_in")
+
+
+def rng_snapshot(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def rng_restore(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,9 +67,16 @@ class SessionParallelTrainer:
         counts: np.ndarray,
         device: torch.device,
         mask_seen: bool | None = None,
+        static: bool | None = None,
     ) -> None:
         """``mask_seen``: take history items out of each row's negatives (default: the config's
-        ``mask_seen_negatives``, off when unset; ``train_model`` passes the resolved rule)."""
+        ``mask_seen_negatives``, off when unset; ``train_model`` passes the resolved rule).
+        ``static``: run the fast step on fixed buffers (recsys.model.static_step; default: on where
+        ``train.cuda_graphs`` captures it, i.e. on CUDA); tests turn it on for CPU."""
+        if cfg.cuda_graphs and not cfg.fast_step:
+            raise ValueError("train.cuda_graphs needs train.fast_step=true (the plain step is not static)")
+        if device.type == "cpu":
+            retain_freed_memory()  # no page faults per step (the first-epoch slowdown): see allocator
         self.model = model
         self.mask_seen = bool(cfg.mask_seen_negatives) if mask_seen is None else mask_seen
         self.cfg = cfg
@@ -67,8 +89,15 @@ class SessionParallelTrainer:
         # [B, n_items] bool history bitmap: for mask_seen and for the model's learned history bias
         self.track_seen = self.mask_seen or model.history_bias is not None
         self.seen: Tensor | None = None
-        use_amp = cfg.amp and device.type == "cuda"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+        self.use_amp = cfg.amp and device.type == "cuda"
+        bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+        self.autocast = bf16 if self.use_amp else nullcontext
+        self.rows = torch.arange(cfg.batch_size, device=device)  # [B] slot index, for the history bitmap
+        # train.fast_step: the hand-written step (recsys.model.fused_step), built for the first batch size
+        self.graphs = cfg.cuda_graphs and device.type == "cuda"
+        self.static = self.graphs if static is None else static
+        self._fused: FusedStep | StaticStep | None = None
+        self._fused_batch = 0
         self._forward = (
             torch.compile(self._forward_loss, dynamic=False) if cfg.compile else self._forward_loss
         )
@@ -110,8 +139,68 @@ class SessionParallelTrainer:
     def step(self, inputs: Tensor, targets: Tensor, keep: Tensor, active: Tensor | None, state: Tensor):
         """One update. inputs/targets [B], keep [B] (0 = reset), active [B] or None; state [n_layers, B, S].
 
-        Returns (loss [] detached, new state [n_layers, B, S] detached).
+        Returns (loss [] detached, new state [n_layers, B, S] detached). ``train.fast_step`` picks the
+        hand-written step; otherwise autograd over the plain network (the reference path).
         """
+        if self.cfg.fast_step:
+            return self.fast_step(inputs, targets, keep, active, state)
+        return self.plain_step(inputs, targets, keep, active, state)
+
+    def fast_step(self, inputs: Tensor, targets: Tensor, keep: Tensor, active: Tensor | None, state: Tensor):
+        """The hand-written step (recsys.model.fused_step): same arguments and results as ``step``."""
+        B = inputs.shape[0]
+        if self._fused is None or self._fused_batch != B:
+            self._fused_batch = B
+            fused = FusedStep(self, B)
+            self.all_active = fused.all_active  # [B]
+            self._fused = (
+                StaticStep(fused, len(self.model.layers), self.model.state_size, self.graphs)
+                if self.static
+                else fused
+            )
+        if active is None:
+            active = self.all_active
+        if self.rows.shape[0] < B:
+            self.rows = torch.arange(B, device=self.device)  # [B]
+        return self._fused(inputs, targets, keep, active, self.sampler.draw(), state, self.seen)
+
+    def prepare(self, batch_size: int, force: bool = False) -> float:
+        """Compile the fast step (``train.compile``) before an epoch's clock starts; returns the seconds.
+
+        Runs one step on dummy inputs and then puts back everything it changed (parameters, optimiser
+        state, sampler stream, RNG, history bitmap), so training is exactly as if it had not run; the
+        compiled code (and inductor's on-disk cache) stays. A no-op without ``compile`` (unless ``force``)
+        or once done.
+        """
+        if not self.cfg.fast_step or self._fused_batch == batch_size or not (self.cfg.compile or force):
+            return 0.0
+        t0 = time.perf_counter()
+        model, opt = self.model, self.optimizer
+        saved_tensors = [t.clone() for t in self._mutable_tensors()]
+        saved = (opt.step_count, self.sampler.state_dict(), rng_snapshot(self.device), self.seen)
+        B = batch_size
+        if self.track_seen:
+            self.seen = torch.zeros(B, model.n_items, dtype=torch.bool, device=self.device)  # [B, n_items]
+        zeros = torch.zeros(B, dtype=torch.int64, device=self.device)  # [B]
+        keep = torch.zeros(B, device=self.device)  # [B]
+        self.fast_step(zeros, zeros, keep, None, model.init_state(B, self.device))
+        for dst, src in zip(self._mutable_tensors(), saved_tensors, strict=True):
+            dst.copy_(src)
+        opt.step_count, sampler_state, rng, self.seen = saved
+        self.sampler.load_state_dict(sampler_state)
+        rng_restore(rng, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def _mutable_tensors(self) -> list[Tensor]:
+        """Every tensor a step updates in place (what ``prepare`` must restore)."""
+        opt = self.optimizer
+        tables = [*opt.table_acc.values(), *opt.table_vel.values()]
+        return [p.data for p in self.model.parameters()] + opt.dense_acc + opt.dense_vel + tables
+
+    def plain_step(self, inputs: Tensor, targets: Tensor, keep: Tensor, active: Tensor | None, state: Tensor):
+        """Autograd over the network's own forward: the reference the fast step is tested against."""
         model = self.model
         state = state * keep.view(1, -1, 1)  # [n_layers, B, S] zero the slots that start a sequence
         negs = self.sampler.draw()  # [n_sample]
@@ -119,7 +208,7 @@ class SessionParallelTrainer:
         seen_cols = None
         if self.seen is not None:  # history of every slot's current sequence, as an item bitmap
             self.seen.mul_(keep.view(-1, 1).to(self.seen.dtype))  # [B, n_items] forget finished sequences
-            self.seen[self._rows[: inputs.shape[0]], inputs] = True  # [B, n_items]
+            self.seen[self.rows[: inputs.shape[0]], inputs] = True  # [B, n_items]
             seen_cols = self.seen.index_select(1, cols)  # [B, C]
         out_rows = model.item_out.detach().index_select(0, cols).requires_grad_()  # [C, H]
         bias_rows = model.item_bias.detach().index_select(0, cols).requires_grad_()  # [C]
@@ -154,9 +243,13 @@ class SessionParallelTrainer:
         check_every = check_every or (100 if self.device.type == "cuda" else 50)
         losses = torch.zeros(T, device=self.device)  # [T]
         state = self.model.init_state(B, self.device)  # [n_layers, B, S]
-        if self.track_seen:
-            self.seen = torch.zeros(B, self.model.n_items, dtype=torch.bool, device=self.device)  # [B, n]
-            self._rows = torch.arange(B, device=self.device)  # [B]
+        if self.track_seen:  # one buffer for the run (a captured CUDA graph holds its address)
+            if self.seen is None or self.seen.shape[0] != B:
+                self.seen = torch.zeros(B, self.model.n_items, dtype=torch.bool, device=self.device)  # [B, n]
+            else:
+                self.seen.zero_()
+        if self.rows.shape[0] < B:
+            self.rows = torch.arange(B, device=self.device)  # [B]
         checked = 0
         for t in range(T):
             active = None if plan.all_active[t] else plan.active[t]

@@ -95,6 +95,10 @@ def run_epoch(
     """One epoch over ``seqs`` (order reshuffled from the seed and epoch): (mean loss, events, seconds)."""
     plan = plan_epoch(seqs, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
     dplan = plan.to_torch(device)
+    with _cpu_threads(device, cfg.threads):
+        seconds = trainer.prepare(plan.inputs.shape[1])  # train.compile: compiled before the clock starts
+    if seconds:
+        log.info("compiled the training step in %.1f s", seconds)
     progress = _Progress(epoch, plan.n_steps, plan.n_events)
     t0 = time.perf_counter()
     try:

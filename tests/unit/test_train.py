@@ -56,18 +56,25 @@ def test_resume_reaches_the_same_weights(tmp_path, split_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_non_finite_loss_names_epoch_and_step(tmp_path, split_dir, monkeypatch):
-    real = step_module.sampled_loss
+@pytest.mark.parametrize("fast", [True, False])
+def test_non_finite_loss_names_epoch_and_step(tmp_path, split_dir, monkeypatch, fast):
+    import recsys.model.fused_step as fused_module
+
+    module, name = (fused_module, "cross_entropy_grad") if fast else (step_module, "sampled_loss")
+    real = getattr(module, name)
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 5 else loss
+        out = real(*args, **kwargs)
+        if calls["n"] != 5:
+            return out
+        return (out[0] * float("nan"), out[1]) if fast else out * float("nan")
 
-    monkeypatch.setattr(step_module, "sampled_loss", poisoned)
+    monkeypatch.setattr(module, name, poisoned)
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 4"):
-        train_model(_config(tmp_path, "train.epochs=1"), split_dir, evaluate_test=False)
+        config = _config(tmp_path, "train.epochs=1", f"train.fast_step={fast}")
+        train_model(config, split_dir, evaluate_test=False)
 
 
 def test_seen_negative_bitmap_follows_slot_resets(tmp_path, split_dir):
