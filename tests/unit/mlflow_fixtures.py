@@ -22,7 +22,7 @@ def make_config(root: Path, **sections: dict) -> Config:
         "model": {"hidden_size": 8},
         "train": {"epochs": 1, "n_sample": 16, "batch_size": 8, "device": "cpu", "patience": 5},
         "tracking": {"tracking_uri": f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}",
-                     "retries": 1, "retry_backoff_seconds": 0.05},
+                     "retry_window_seconds": 0.2, "retry_backoff_seconds": 0.05},
     }
     for section, extra in sections.items():
         values[section] = {**values.get(section, {}), **extra}
