@@ -283,6 +283,7 @@ class OrchestrateConfig(Section):
     train_cron: str = "0 3 * * 0"
     timezone: str = "UTC"
     train_concurrency: int = Field(1, ge=1)
+    server_port: int = Field(4200, ge=1, le=65535)  # `recsys serve`'s local Prefect server (127.0.0.1)
     io_retries: int = Field(3, ge=0)
     io_retry_delay_seconds: float = Field(5.0, ge=0)
 

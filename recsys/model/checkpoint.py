@@ -99,6 +99,10 @@ def save_checkpoint(
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # full disk, read-only or quota: torch reports a RuntimeError
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise OSError(getattr(exc, "errno", None) or 0, f"could not write the checkpoint ({reason}); the "
+                      "previous one is intact", str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -57,6 +57,16 @@ def constant_checkpoint(source: Path, out: Path) -> Path:
                            epoch=ckpt.epoch, metrics={})
 
 
+def copy_checkpoint(source: Path, out: Path) -> Path:
+    """The same model saved as another file (other bytes): registering it makes a new version, while
+    registering the same file again returns the version it already has."""
+    ckpt = load_checkpoint(source)
+    model = GRU4Rec(ckpt.n_items, ckpt.config.model)
+    model.load_state_dict(ckpt.model_state)
+    return save_checkpoint(out, model=model, optimizer=None, config=ckpt.config, vocab=ckpt.vocab,
+                           epoch=ckpt.epoch, metrics=ckpt.metrics, extra={**ckpt.extra, "copy_of": out.name})
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (bound then released)."""
     with socket.socket() as sock:

@@ -33,8 +33,8 @@ def test_two_publications_of_one_date_at_once_both_succeed(tmp_path):
         start.wait()
         for _ in range(15):
             try:
-                publish_recs(frame, exports_dir=tmp_path, run_date=DAY, manifest={"model": {"version": version}},
-                             checks=RecsChecks(top_k=5), write_csv=True)
+                publish_recs(frame, exports_dir=tmp_path, run_date=DAY, checks=RecsChecks(top_k=5),
+                             manifest={"model": {"version": version}}, write_csv=True)
             except BaseException as exc:  # noqa: BLE001 - collected and asserted below
                 errors.append(exc)
 
