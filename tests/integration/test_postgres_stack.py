@@ -177,7 +177,7 @@ def test_postgres_backed_stack_runs_pipelines_trainings_and_promotions(postgres,
         timings["pipeline"] = time.monotonic() - t0
 
         t0 = time.monotonic()
-        weekly = [api.run("train-weekly/train-weekly", params(RUN_DATE + timedelta(days=d))) for d in (3, 10)]
+        weekly = [api.run("train/train-weekly", params(RUN_DATE + timedelta(days=d))) for d in (3, 10)]
         runs = api.wait(weekly, 900)
         assert all(r["state_type"] == "COMPLETED" for r in runs.values()), _tail(logs)
         a, b = sorted(runs.values(), key=lambda r: r["start_time"])
