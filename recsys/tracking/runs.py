@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow  # noqa: E402  (after recsys.tracking.store, which sets MLflow's environment first)
+from mlflow import MlflowClient
 
 from recsys.config import Config, config_to_yaml, flatten_config, redact
 from recsys.schemas import STATS_FILE
@@ -38,6 +39,7 @@ from recsys.tracking.store import (
     TrackingStore,
     TrackingUnavailableError,
     connect,
+    is_transient,
     resolve_tracking_uri,
     try_once,
     with_retries,
@@ -239,8 +241,22 @@ def _start_run(config: Config, store: TrackingStore, split_dir: Path, checkpoint
 
 
 def _end_run(config: Config, status: str, uri: str) -> None:
-    """End the active run, retrying through an outage (a run must not stay RUNNING after its process)."""
-    with_retries(lambda: mlflow.end_run(status=status), config, f"ending the run as {status}", uri)
+    """End the active run, retrying through an outage (a run must not stay RUNNING after its process).
+
+    ``mlflow.end_run`` takes the run off the active stack before telling the store, so a failure there
+    is finished with retried ``set_terminated`` calls rather than by calling it again.
+    """
+    active = mlflow.active_run()
+    if active is None:
+        return
+    try:
+        mlflow.end_run(status=status)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        client = MlflowClient(tracking_uri=uri)
+        with_retries(lambda: client.set_terminated(active.info.run_id, status=status), config,
+                     f"ending the run as {status}", uri)
 
 
 def run_url(config: Config, store: TrackingStore, run_id: str) -> str:
