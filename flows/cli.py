@@ -69,8 +69,15 @@ def serve(
     Schedules need a real Prefect server (its scheduler creates the runs): with no PREFECT_API_URL a local
     one is started on 127.0.0.1:orchestrate.server_port (state under the data root) and stopped on exit.
     """
+    import signal
+
     config = _prefect_env(conf, overrides)
     from flows.local_server import ServerStartError, prefect_api
+
+    def interrupt(signum: int, frame: object) -> None:  # SIGTERM stops serving and the started server
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
     args = [a for o in overrides or [] for a in ("--set", o)]
     port = config.orchestrate.server_port

@@ -339,7 +339,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: key must name a section and a field, e.g. train.epochs=5")
     if path[0] not in SECTIONS:
         raise ConfigError(f"{key.strip()}: unknown section {path[0]!r} (known: {', '.join(SECTIONS)})")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or "not valid YAML")
+        raise ConfigError(f"override {text!r}: {problem} (quote the value, e.g. key='* * * * *')") from None
     return path, value
 
 

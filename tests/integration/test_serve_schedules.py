@@ -40,7 +40,7 @@ def test_serve_starts_a_server_whose_scheduler_runs_the_deployments(tmp_path):
                    capture_output=True, timeout=300)
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", *sets, "--set", "orchestrate.ingest_cron=* * * * *",
+        [sys.executable, "-m", "flows.cli", "serve", *sets, "--set", "orchestrate.ingest_cron='* * * * *'",
          "--set", f"orchestrate.server_port={port}"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
@@ -61,9 +61,10 @@ def test_serve_starts_a_server_whose_scheduler_runs_the_deployments(tmp_path):
         assert deployment["name"] == "ingest-daily"
         assert any((data / "events").rglob("*.parquet"))  # the scheduled ingest really ran
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGTERM)  # `recsys serve` itself: it stops the server it started
         try:
-            serve.wait(timeout=60)
+            serve.wait(timeout=90)
         finally:
             stop(serve)
             log.close()
