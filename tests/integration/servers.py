@@ -138,8 +138,9 @@ class Postgres:
     def env(self, **extra: str) -> dict[str, str]:
         """Client environment: TCP on loopback with the password (what the compose services use)."""
         return {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "PGHOST": "127.0.0.1",
-                "PGPORT": str(self.port), "PGPASSWORD": self.password, "POSTGRES_USER": self.user,
-                "POSTGRES_PASSWORD": self.password, "POSTGRES_DB": "postgres", **extra}
+                "PGPORT": str(self.port), "PGUSER": self.user, "PGPASSWORD": self.password,
+                "POSTGRES_USER": self.user, "POSTGRES_PASSWORD": self.password, "POSTGRES_DB": "postgres",
+                **extra}
 
     def url(self, driver: str, db: str) -> str:
         return f"{driver}://{self.user}:{self.password}@127.0.0.1:{self.port}/{db}"
