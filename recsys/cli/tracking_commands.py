@@ -123,6 +123,11 @@ def ui(
     import urllib.request
 
     config = load_cli_config(conf, set_)
+    with socket.socket() as probe:  # fail now, not after printing a URL that some other process answers
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise fail(f"port {port} on 127.0.0.1 is in use: choose another with --port") from None
     from recsys.tracking.store import connect, resolve_tracking_uri
 
     uri = resolve_tracking_uri(config)
@@ -131,11 +136,6 @@ def ui(
 
         raise fail(f"the tracking store is a server ({redact(uri)}): open that; `recsys ui` is for the "
                    "embedded one")
-    with socket.socket() as probe:  # fail now, not after printing a URL that some other process answers
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            raise fail(f"port {port} on 127.0.0.1 is in use: choose another with --port") from None
     connect(config)  # creates the database and experiment on first use
     # No background job runner (huey consumers, only used by GenAI jobs): the UI needs one process tree.
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
