@@ -6,8 +6,15 @@ Prefect (which the library itself never imports).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import fcntl
 import hashlib
 import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +30,10 @@ from recsys.data.errors import IngestError
 T = TypeVar("T", bound=Task)
 
 LIBRARY_LOGGER = "recsys"
+SLOT_FILE = ".pipeline.lock"
+# Slots held by this call tree (a subflow inherits its parent's, so the pipeline's train flow re-enters).
+_HELD_SLOTS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("recsys_slots",
+                                                                            default=frozenset())
 
 # Errors that a retry cannot fix: a bad config or bad data (ValueError covers ConfigError and pydantic's
 # ValidationError; IngestError is input the ingest refuses), a programming error, or running out of
@@ -111,3 +122,52 @@ def fmt(value: Any) -> str:
     if value is None:
         return "–"
     return str(value)
+
+
+@contextlib.contextmanager
+def data_root_slot(config: Config, what: str, poll_seconds: float = 2.0) -> Iterator[None]:
+    """One run at a time per data root for the stages that rewrite its shared state (sessions, split,
+    checkpoints, the champion): a second pipeline or training waits here, it does not fail.
+
+    Why a lock and not isolation: every stage reads the previous stage's output at a fixed path under
+    the data root (DESIGN.md), so two run dates at once would overwrite each other's split mid-training;
+    serialising them keeps one consistent world and costs only waiting. A file lock (not a Prefect
+    concurrency limit) because it protects the files themselves, whoever runs them: ``recsys serve``,
+    work-pool workers on hosts sharing the volume, or plain ``flow()`` calls. Re-entrant within a call
+    tree (the pipeline's train subflow). The lock file names its holder for the waiting run's log.
+    """
+    path = (config.paths.data_root / SLOT_FILE).resolve()
+    held = _HELD_SLOTS.get()
+    if str(path) in held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger(f"{LIBRARY_LOGGER}.slot")
+    with path.open("a+") as handle:
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited == 0.0:
+                    handle.seek(0)
+                    log.info("%s waits for the data root %s, in use by: %s", what, config.paths.data_root,
+                             handle.read().strip() or "another run")
+                time.sleep(poll_seconds)
+                waited += poll_seconds
+        if waited:
+            log.info("%s got the data root after %.0f s", what, waited)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{datetime.now(UTC).isoformat(timespec='seconds')})\n")
+        handle.flush()
+        token = _HELD_SLOTS.set(held | {str(path)})
+        try:
+            yield
+        finally:
+            _HELD_SLOTS.reset(token)
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from recsys.cli import app
-from recsys.cli.common import ConfOption, SetOption, console, fail, load_cli_config
+from recsys.cli.common import ConfOption, SetOption, console, fail, load_cli_config, run
 from recsys.config import Config
 
 
@@ -64,13 +64,40 @@ def serve(
     overrides: SetOption = None,
     limit: Annotated[int | None, typer.Option(help="Max concurrent runs in this process.")] = None,
 ) -> None:
-    """Serve the scheduled deployments (daily ingest + score, weekly train + promote) until stopped."""
-    _prefect_env(conf, overrides)
-    from flows.serve import main
+    """Serve the scheduled deployments (daily ingest + score, weekly train + promote) until stopped.
+
+    Schedules need a real Prefect server (its scheduler creates the runs): with no PREFECT_API_URL a local
+    one is started on 127.0.0.1:orchestrate.server_port (state under the data root) and stopped on exit.
+    """
+    import signal
+
+    config = _prefect_env(conf, overrides)
+    from flows.local_server import ServerStartError, prefect_api
+
+    def interrupt(signum: int, frame: object) -> None:  # SIGTERM stops serving and the started server
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
     args = [a for o in overrides or [] for a in ("--set", o)]
-    main(args + ([f"--limit={limit}"] if limit else []))
+    port = config.orchestrate.server_port
+    try:
+        with prefect_api(config.paths.prefect_home.resolve(), port) as (api_url, started):
+            ui = api_url.removesuffix("/api")
+            console.print(f"Prefect {'server started' if started else 'API'}: [bold]{ui}[/bold] (UI); "
+                          f"from another shell: PREFECT_API_URL={api_url} prefect deployment run "
+                          "ingest/ingest-daily")
+            from flows.serve import main
+
+            main(args + ([f"--limit={limit}"] if limit else []))
+    except ServerStartError as exc:
+        raise fail(str(exc)) from None
+
+
+def main() -> None:
+    """The ``recsys`` console script."""
+    run(app)
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -7,6 +7,7 @@ store (<data_root>/mlflow); nothing needs to be started first.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import date
 from pathlib import Path
@@ -128,6 +129,8 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
     console.print(f"promotion: {'promoted' if decision.get('promoted') else 'not promoted'} — "
                   f"{decision.get('reason', '')}")
     console.print(f"MLflow run: {summary['train'].get('run_url')}")
-    console.print("open the MLflow UI:  [bold]recsys ui[/bold]   (then http://127.0.0.1:5000)")
+    embedded = not (config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    if config.tracking.ui_url is None and embedded:  # otherwise the run link above is the UI
+        console.print("open the MLflow UI:  [bold]recsys ui[/bold]   (then http://127.0.0.1:5000)")
     console.print(f"Prefect runs are recorded under {config.paths.prefect_home}: "
                   f"PREFECT_HOME={config.paths.prefect_home.resolve()} prefect server start")

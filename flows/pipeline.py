@@ -8,7 +8,14 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows._common import as_plain, flow_config, forward_library_logs, io_task, resolve_run_date
+from flows._common import (
+    as_plain,
+    data_root_slot,
+    flow_config,
+    forward_library_logs,
+    io_task,
+    resolve_run_date,
+)
 from flows.ingest import ingest_flow
 from flows.score import score_flow
 from flows.train import train_flow
@@ -40,10 +47,18 @@ def pipeline_flow(
     champion into exports/recs/run_date=YYYY-MM-DD/ (published atomically). Each stage is its own
     flow run with its artifacts; re-running for the same run date republishes the same export.
     `shards` > 1 scores user shards in parallel on `executor` (threads, or a local Dask cluster).
+    Pipelines for different run dates share the data root, so they run one after the other: a second
+    one waits for the first (flows._common.data_root_slot).
     """
-    logger = get_run_logger()
     config = flow_config(overrides)
     day = resolve_run_date(run_date)
+    with data_root_slot(config, f"pipeline {day}"):
+        return _pipeline(config, day, input, shards, executor, overrides)
+
+
+def _pipeline(config: Config, day: date, input: list[str] | None, shards: int,  # noqa: A002
+              executor: Literal["threads", "dask"], overrides: list[str] | None) -> dict[str, Any]:
+    logger = get_run_logger()
     generated = None
     if not input:
         generated = io_task(generate_task, config)(config)

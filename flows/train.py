@@ -13,6 +13,7 @@ from prefect.context import TaskRunContext
 from flows._common import (
     as_plain,
     config_fingerprint,
+    data_root_slot,
     flow_config,
     forward_library_logs,
     io_task,
@@ -27,7 +28,6 @@ forward_library_logs()
 
 TRAINING_REPORT_KEY = "training-report"
 MLFLOW_RUN_KEY = "mlflow-run"
-LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `recsys ui` serves the embedded store
 
 
 @task(name="build-sessions", cache_policy=NO_CACHE)
@@ -77,12 +77,11 @@ def train_task(config: Config, run_date: str) -> dict[str, Any]:
 
 @task(name="mlflow-run-url", cache_policy=NO_CACHE)
 def run_url_task(config: Config, run_id: str) -> str:
-    """Link to the run in the MLflow UI (the tracking server, or `recsys ui` for the local store)."""
+    """Link to the run in the MLflow UI a browser can open (`tracking.ui_url`; never a credential)."""
+    from recsys.tracking.runs import run_url
     from recsys.tracking.store import connect
 
-    store = connect(config)
-    base = LOCAL_UI_URL if store.embedded else store.uri.rstrip("/")
-    return f"{base}/#/experiments/{store.experiment_id}/runs/{run_id}"
+    return run_url(config, connect(config), run_id)
 
 
 @flow(name="train")
@@ -97,13 +96,21 @@ def train_flow(
 
     With `prepare`, rebuilds sessions and the temporal train/valid/test split from the events store;
     then trains GRU4Rec (tracked in MLflow: params, per-epoch metrics, system metrics, lineage),
-    registers the model as @challenger and, with `promote`, runs the champion/challenger gate.
-    Idempotent per run date: a re-run on the same data and config returns the recorded training
-    instead of registering another version (`force=True` retrains). Training is never retried.
+    registers the model as @challenger and, with `promote`, runs the champion/challenger gate on
+    exactly the version this training registered. Idempotent per run date: a re-run on the same data
+    and config returns the recorded training instead of registering another version (`force=True`
+    retrains). Training is never retried. One training per data root at a time: a second one waits
+    for the first to finish (see flows._common.data_root_slot).
     """
-    logger = get_run_logger()
     config = flow_config(overrides)
     day = str(resolve_run_date(run_date))
+    with data_root_slot(config, f"train {day}"):
+        return _train(config, day, prepare, promote, force, overrides)
+
+
+def _train(config: Config, day: str, prepare: bool, promote: bool, force: bool,
+           overrides: list[str] | None) -> dict[str, Any]:
+    logger = get_run_logger()
     if prepare:
         sessions = io_task(sessions_task, config)(config)
         logger.info("sessions: %s sequences, %s events, %s items", sessions.get("sessions"),
@@ -118,7 +125,7 @@ def train_flow(
     url = io_task(run_url_task, config)(config, training["run_id"])
     create_link_artifact(link=url, link_text=f"MLflow run {training['run_id']}", key=MLFLOW_RUN_KEY,
                          description=f"Training run of {day}")
-    decision = promote_flow(overrides=overrides) if promote else None
+    decision = promote_flow(version=training["model_version"], overrides=overrides) if promote else None
     create_markdown_artifact(markdown=training_report(day, training, decision, url), key=TRAINING_REPORT_KEY,
                              description=f"Training {day}: metrics vs baselines and champion, promotion")
     return {"run_date": day, "training": training, "decision": decision, "run_url": url}

@@ -9,17 +9,24 @@ offending key named, instead of surfacing hours later. Any key can be overridden
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONF_DIR_ENV = "RECSYS_CONF_DIR"
 DATA_ROOT_ENV = "RECSYS_DATA_ROOT"
 PROFILE_ENV = "RECSYS_PROFILE"
+UI_URL_ENV = "RECSYS_UI_URL"
 PROFILES_DIR = "profiles"
+# A path segment a config value may name under the data root: no separators, no "..", no hidden names.
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# ``scheme://user:password@host`` or ``scheme://token@host`` (URLs and DSNs): the userinfo is a secret.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+REDACTED = "***"
 
 
 class ConfigError(ValueError):
@@ -205,7 +212,16 @@ class TrainConfig(Section):
     cuda_graphs: bool = False
     # torch CPU threads for the training step; None = 1 (fastest measured on a shared 2-core box)
     threads: int | None = Field(None, ge=1)
-    run_name: str = "gru4rec"  # checkpoints go to paths.checkpoints_dir / run_name
+    # checkpoints go to paths.checkpoints_dir / run_name: a plain name (no "/" or ".."), so never outside
+    run_name: str = "gru4rec"
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(SAFE_NAME, value):
+            raise ValueError("must be a plain name (letters, digits, '.', '_', '-'; no '/' or '..'): "
+                             "checkpoints stay under the data root")
+        return value
 
 
 class EvaluateConfig(Section):
@@ -221,8 +237,15 @@ class TrackingConfig(Section):
     experiment: str = "recsys"
     registered_model: str = "recsys-gru4rec"
     system_metrics: bool = True
-    retries: int = Field(3, ge=0)
-    retry_backoff_seconds: float = Field(2.0, ge=0)
+    # Calls to the store retry transient failures for this long in all (an MLflow server restart takes
+    # 40-60 s to answer again), then fail with a clear error; training itself never waits for it.
+    retry_window_seconds: float = Field(180.0, ge=0)
+    retry_backoff_seconds: float = Field(2.0, ge=0)  # first retry delay; doubles up to retry_max_backoff
+    retry_max_backoff_seconds: float = Field(15.0, gt=0)
+    # Base URL of the MLflow UI a person's browser can open (links in Prefect artifacts and the demo).
+    # None: the tracking URI for a server, http://127.0.0.1:5000 (`recsys ui`) for the embedded store.
+    # $RECSYS_UI_URL sets it too (docker/compose.yaml: the published port).
+    ui_url: str | None = None
 
 
 class PromoteConfig(Section):
@@ -269,6 +292,7 @@ class OrchestrateConfig(Section):
     train_cron: str = "0 3 * * 0"
     timezone: str = "UTC"
     train_concurrency: int = Field(1, ge=1)
+    server_port: int = Field(4200, ge=1, le=65535)  # `recsys serve`'s local Prefect server (127.0.0.1)
     io_retries: int = Field(3, ge=0)
     io_retry_delay_seconds: float = Field(5.0, ge=0)
 
@@ -306,9 +330,11 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"{key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else
                      f"{key}: {msg}")
+    if len(lines) == 1:  # the usual case: one line that names the key
+        return f"invalid configuration ({where}): {lines[0]}"
     return f"invalid configuration ({where}):\n  " + "\n  ".join(lines)
 
 
@@ -322,7 +348,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: key must name a section and a field, e.g. train.epochs=5")
     if path[0] not in SECTIONS:
         raise ConfigError(f"{key.strip()}: unknown section {path[0]!r} (known: {', '.join(SECTIONS)})")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or "not valid YAML")
+        raise ConfigError(f"override {text!r}: {problem} (quote the value, e.g. key='* * * * *')") from None
     return path, value
 
 
@@ -401,6 +431,8 @@ def load_config(
         _apply_profile(tree, conf_dir, profile)
     if env_root := os.environ.get(DATA_ROOT_ENV):
         _set_path(tree, ["paths", "data_root"], env_root)
+    if env_ui := os.environ.get(UI_URL_ENV):
+        _set_path(tree, ["tracking", "ui_url"], env_ui)
     _overlay(tree, values or {}, "values")
     for text in overrides:
         path, value = parse_override(text)
@@ -422,11 +454,43 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL/DSN in it replaced: ``http://***@host``.
+
+    Applied to everything that records configuration or a store URI (params, artifacts, checkpoints,
+    log lines, error messages), so a password in ``tracking.tracking_uri`` is never written down.
+    """
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+
+
+def _redact_tree(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_tree(v) for v in value]
+    return value
+
+
+def recorded_config(config: Config) -> dict[str, Any]:
+    """The configuration as JSON-ready data with credentials redacted: the only form that is stored."""
+    return _redact_tree(config.model_dump(mode="json"))
+
+
 def flatten_config(config: Config) -> dict[str, str]:
-    """``{'train.batch_size': '64', ...}``: the form MLflow params and Prefect artifacts take."""
-    return {k: str(v) for k, v in _flatten(config.model_dump(mode="json")).items()}
+    """``{'train.batch_size': '64', ...}``: the form MLflow params and Prefect artifacts take (redacted)."""
+    return {k: str(v) for k, v in _flatten(recorded_config(config)).items()}
 
 
 def config_to_yaml(config: Config) -> str:
-    """The resolved configuration as YAML, every section, for artifacts and manifests."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved configuration as YAML, every section, for artifacts and manifests (redacted)."""
+    return yaml.safe_dump(recorded_config(config), sort_keys=False)
+
+
+def confined(path: Path, root: Path, what: str) -> Path:
+    """``path`` resolved, refused with a one-line :class:`ConfigError` when it lies outside ``root``."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ConfigError(f"{what}={path} lies outside the data root {base}: refused")
+    return resolved

@@ -57,3 +57,14 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a clear error and return the Exit to raise."""
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # never wrapped
     return typer.Exit(code)
+
+
+def run(application: typer.Typer | None = None) -> None:
+    """Run the CLI; a file-system failure (full disk, read-only root, permissions) is one line naming the
+    path, not a traceback."""
+    try:
+        (application or app)()
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        console.print(f"[red]error:[/red] {escape((exc.strerror or str(exc)) + where)}", soft_wrap=True)
+        raise SystemExit(1) from None

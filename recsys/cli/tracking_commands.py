@@ -109,18 +109,33 @@ def ui(
     conf: ConfOption = None,
     set_: SetOption = None,
 ) -> None:
-    """MLflow UI on 127.0.0.1 against the pipeline's tracking store (runs until Ctrl-C)."""
+    """MLflow UI on 127.0.0.1 against the pipeline's tracking store (runs until Ctrl-C).
+
+    It is a writable tracking server (anything that reaches it can register models), so it binds to
+    loopback only; a port already in use, or a server that fails to start, is an error (exit 1).
+    """
     import os
     import signal
+    import socket
     import subprocess
     import sys
+    import time
+    import urllib.request
 
     config = load_cli_config(conf, set_)
+    with socket.socket() as probe:  # fail now, not after printing a URL that some other process answers
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise fail(f"port {port} on 127.0.0.1 is in use: choose another with --port") from None
     from recsys.tracking.store import connect, resolve_tracking_uri
 
     uri = resolve_tracking_uri(config)
     if not uri.startswith("sqlite:"):
-        raise fail(f"the tracking store is a server ({uri}): open that; `recsys ui` is for the embedded one")
+        from recsys.config import redact
+
+        raise fail(f"the tracking store is a server ({redact(uri)}): open that; `recsys ui` is for the "
+                   "embedded one")
     connect(config)  # creates the database and experiment on first use
     # No background job runner (huey consumers, only used by GenAI jobs): the UI needs one process tree.
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
@@ -128,22 +143,37 @@ def ui(
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
                "--default-artifact-root", (config.paths.mlflow_dir / "artifacts").resolve().as_uri(),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    console.print(f"MLflow UI: [bold]http://127.0.0.1:{port}[/bold]  (store {uri}; Ctrl-C stops it)")
     server = subprocess.Popen(command, env=env, start_new_session=True)  # own group: stopped as a whole
 
-    def stop(signum: int, frame: object) -> None:  # SIGTERM to this process also stops the server
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        code = server.wait()
-    except KeyboardInterrupt:
+    def stop_server() -> None:
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+    def stop(signum: int, frame: object) -> None:  # SIGTERM to this process also stops the server
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                raise fail(f"the MLflow UI on {url} did not start (exit code {server.returncode}); "
+                           "see the lines above")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    stop_server()
+                    raise fail(f"the MLflow UI on {url} did not answer within 180 s") from None
+                time.sleep(0.5)
+        console.print(f"MLflow UI: [bold]{url}[/bold]  (store {uri}; Ctrl-C stops it)")
+        code = server.wait()
+    except KeyboardInterrupt:
+        stop_server()
         code = 0
     raise typer.Exit(code)
-
-

@@ -3,11 +3,15 @@
 The configuration travels as its JSON dump and the vocabulary as plain lists (original ids, counts), so a
 checkpoint is self-contained for scoring (the pyfunc model ships exactly this file) and never unpickles
 arbitrary objects. Writes are atomic: a temporary file in the same directory, then ``os.replace``.
+The stored configuration is the redacted one (:func:`recsys.config.recorded_config`): a checkpoint
+travels (registry, pyfunc) and must never carry a credential.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +19,17 @@ from typing import Any
 import polars as pl
 import torch
 
-from recsys.config import Config
+from recsys.config import Config, recorded_config
 from recsys.data.vocab import Vocab
 from recsys.model.gru4rec import GRU4Rec
 from recsys.schemas import COUNT, IDX, ITEM_ID, VOCAB_IDX_DTYPE
 
 FORMAT_VERSION = 1
 ID_DTYPES = {"Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "String"}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable checkpoint; the message is one line naming the file."""
 
 
 @dataclass
@@ -82,7 +90,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer_state": _to_cpu(optimizer.state_dict()) if optimizer is not None else None,
-        "config": config.model_dump(mode="json"),
+        "config": recorded_config(config),
         "vocab": _vocab_to_plain(vocab),
         "epoch": int(epoch),
         "metrics": metrics,
@@ -92,6 +100,10 @@ def save_checkpoint(
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # full disk, read-only or quota: torch reports a RuntimeError
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise OSError(getattr(exc, "errno", None) or 0, f"could not write the checkpoint ({reason}); the "
+                      "previous one is intact", str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -109,10 +121,27 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint with ``weights_only=True`` (no arbitrary unpickling)."""
-    data = torch.load(Path(path), map_location=map_location, weights_only=True)
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint format {data.get('format_version')!r}")
+    """Read a checkpoint with ``weights_only=True`` (no arbitrary unpickling).
+
+    Anything else (a pickle that would run code, a truncated or foreign file) is a one-line
+    :class:`CheckpointError` naming the file; it is never loaded another way.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # torch's notes on foreign pickles: the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused: not a weights-only checkpoint (it holds Python objects "
+                              "that loading would execute)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path}: unsupported checkpoint format {version!r}")
     return Checkpoint(
         model_state=data["model_state"],
         optimizer_state=data["optimizer_state"],
@@ -122,6 +151,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         metrics=data["metrics"],
         extra=data.get("extra") or {},
     )
+
+
+def non_finite_weights(ckpt: Checkpoint) -> list[str]:
+    """Names of the model tensors holding NaN or infinity (a diverged model must never be served)."""
+    return [name for name, tensor in ckpt.model_state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> GRU4Rec:

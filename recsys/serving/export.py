@@ -6,6 +6,7 @@ Layout under ``paths.exports_dir``::
     recs_wide/run_date=YYYY-MM-DD/...          optional: one row per user (item and score lists)
     recs_csv/run_date=YYYY-MM-DD/recs.csv      optional: the long format as CSV
     _staging/                                  work area: temporary and replaced folders
+    _locks/                                    one lock file per run date being published
 
 Why this shape:
 
@@ -19,6 +20,9 @@ Why this shape:
 * Readers must treat a ``run_date=`` folder without ``_manifest.json`` as incomplete (``read_recs`` does)
   and read with a glob, ``recs/run_date=*/*.parquet``: the manifest is not Parquet.
 * Nothing is written when validation fails; the error lists every failed check.
+* Two runs publishing the same run date take turns: a lock file per date in ``_locks/`` is held from
+  recovery to the last rename, so one run's recovery never deletes the other's live staging folder,
+  and whatever recovery finds was left by a process that died (the lock dies with it).
 
 The CSV and wide variants live in sibling roots (not inside the Parquet partition) because a directory
 scan in polars/pyarrow would otherwise mix file types and schemas. They are published before the long
@@ -27,8 +31,10 @@ format; the long format's manifest is the marker that the whole run is complete.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +42,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -64,6 +70,7 @@ RECS_DATASET = "recs"
 WIDE_DATASET = "recs_wide"
 CSV_DATASET = "recs_csv"
 STAGING = "_staging"
+LOCKS = "_locks"  # one lock file per run date: publications of one date take turns
 DATA_FILE = "part-0.parquet"
 CSV_FILE = "recs.csv"
 # OWASP CSV-injection rule: a cell a spreadsheet would read as a formula gets a leading quote.
@@ -319,11 +326,25 @@ def _stage_prefix(dataset: str, run_date: date) -> str:
     return f"{dataset}.{RUN_DATE}={run_date.isoformat()}"
 
 
+@contextlib.contextmanager
+def publishing(exports_dir: Path, run_date: date) -> Iterator[None]:
+    """Exclusive between processes for one run date's publication (waits for a concurrent one)."""
+    locks = Path(exports_dir) / LOCKS
+    locks.mkdir(parents=True, exist_ok=True)
+    with (locks / f"{RUN_DATE}={run_date.isoformat()}.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def recover(exports_dir: Path, dataset: str, run_date: date) -> list[str]:
     """Undo what a crashed run left for this dataset and date; returns what was done.
 
     A previous partition moved away (fallback rename path) with no partition in place is restored;
-    every other leftover temporary or replaced folder is deleted.
+    every other leftover temporary or replaced folder is deleted. Call it under :func:`publishing`
+    (publish_recs does): only then is every leftover certainly a dead process's.
     """
     staging = _staging_root(exports_dir)
     target = partition_dir(exports_dir, run_date, dataset)
@@ -436,7 +457,13 @@ def _write_partition(
     return target
 
 
-def publish_recs(
+def publish_recs(recs: pl.DataFrame, *, exports_dir: Path, run_date: date, **kwargs: Any) -> PublishResult:
+    """:func:`_publish_recs` holding the run date's :func:`publishing` lock (concurrent runs take turns)."""
+    with publishing(exports_dir, run_date):
+        return _publish_recs(recs, exports_dir=exports_dir, run_date=run_date, **kwargs)
+
+
+def _publish_recs(
     recs: pl.DataFrame,
     *,
     exports_dir: Path,

@@ -40,7 +40,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.config import Config
+from recsys.config import Config, recorded_config
 from recsys.data.vocab import Vocab
 from recsys.device import resolve_device
 from recsys.schemas import (
@@ -434,7 +434,7 @@ def _score_users(
         "device": str(device),
         "precision": sc.precision,
         "torch_threads": torch.get_num_threads(),
-        "config": config.model_dump(mode="json"),
+        "config": recorded_config(config),  # credentials redacted
         "timings": {name: round(s, 4) for name, s in timer.seconds.items()},
     }
     checks = RecsChecks(

@@ -2,13 +2,24 @@
 
 The decision, the metric sets and the reason become tags of the challenger version, so the registry
 says why every version serves or does not.
+
+Which version is judged: the one the caller names (a training passes the version it registered), so two
+trainings at once each get a decision about their own model; only a bare ``recsys promote`` falls back to
+whatever ``@challenger`` points at. How ``@champion`` moves: compare-and-set. Just before moving it the
+current champion is read again; if another decision moved it meanwhile, the challenger is judged again
+against that newer champion instead of overwriting it. On the embedded store a file lock makes the
+check-and-move atomic between processes; against a server the flows serialise promotions (one training
+slot per data root, flows/_common.py), and the re-check covers anything else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -29,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 POPULAR = "most-popular"
+CAS_ROUNDS = 5  # champions that may move under one promotion before it gives up (each is judged)
 
 
 @dataclass
@@ -109,13 +121,40 @@ def decide(metric: str, min_improvement: float, challenger: dict[str, float], po
                    f"{gain:+.2%}, below the required margin {min_improvement:.2%}")
 
 
-def promote(config: Config) -> PromotionDecision:
-    """Compare ``@challenger`` with ``@champion`` (and most-popular) on the test split; move ``@champion``.
+@contextlib.contextmanager
+def _alias_lock(config: Config, store: TrackingStore) -> Iterator[None]:
+    """Exclusive between processes on the embedded store (its database lives on this file system)."""
+    if not store.embedded:
+        yield
+        return
+    config.paths.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    with (config.paths.mlflow_dir / ".champion.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _current_champion(store: TrackingStore, config: Config, name: str) -> Any | None:
+    try:
+        return get_version(store, config, name, "@" + CHAMPION)
+    except RegistryError:
+        return None
+
+
+def _version_str(version: Any | None) -> str | None:
+    return str(version.version) if version is not None else None
+
+
+def promote(config: Config, version: str | int | None = None) -> PromotionDecision:
+    """Judge registered ``version`` (default: ``@challenger``) against ``@champion`` and most-popular on
+    the test split; move ``@champion`` to it when the gate passes (compare-and-set, see the module doc).
 
     Both models are evaluated now, on the same split directory, through recsys.training.evaluate. A
     challenger that cannot be downloaded, loaded or evaluated is rejected; a champion that cannot be is
     treated as absent (the reason says so). The decision, the metric sets and the reason become tags of
-    the challenger version.
+    the judged version.
     """
     from recsys.tracking.store import connect, with_retries
     metric = config.promote.metric
@@ -125,13 +164,9 @@ def promote(config: Config) -> PromotionDecision:
                          f"{config.evaluate.cutoffs}")
     store = connect(config)
     name = config.tracking.registered_model
-    challenger = get_version(store, config, name, "@" + CHALLENGER)
-    try:
-        champion = get_version(store, config, name, "@" + CHAMPION)
-    except RegistryError:
-        champion = None
-    decision = PromotionDecision(False, "", metric, str(challenger.version),
-                                 str(champion.version) if champion is not None else None)
+    challenger = get_version(store, config, name, str(version) if version is not None else "@" + CHALLENGER)
+    champion = _current_champion(store, config, name)
+    decision = PromotionDecision(False, "", metric, str(challenger.version), _version_str(champion))
     if champion is not None and str(champion.version) == str(challenger.version):
         decision.reason = f"version {challenger.version} is already the champion"
         return decision
@@ -144,6 +179,42 @@ def promote(config: Config) -> PromotionDecision:
         decision.reason = f"challenger v{challenger.version} could not be loaded or evaluated: {exc}"
         _record(store, config, name, decision)
         return decision
+    for _ in range(CAS_ROUNDS):
+        _judge(config, decision, champion)
+        if not decision.promoted:
+            break
+        with _alias_lock(config, store):
+            current = with_retries(lambda: _current_champion(store, config, name), config,
+                                   "re-reading the champion", store.uri)
+            if _version_str(current) == decision.champion_version:
+                with_retries(lambda: store.client.set_registered_model_alias(
+                    name, CHAMPION, str(challenger.version)), config, "moving the champion alias", store.uri)
+                break
+        logger.info("@champion moved from v%s to v%s during this promotion: judging v%s against it",
+                    decision.champion_version, _version_str(current), challenger.version)
+        champion = current
+        if champion is not None and str(champion.version) == str(challenger.version):
+            decision.promoted = False
+            decision.reason = f"version {challenger.version} is already the champion"
+            return decision
+    else:  # the champion kept moving: decide nothing rather than overwrite a newer decision
+        decision.promoted = False
+        decision.reason = f"@champion kept moving during the promotion ({CAS_ROUNDS} times): not moved"
+    replaced = decision.champion_version
+    if decision.promoted and replaced is not None:
+        with_retries(lambda: store.client.set_model_version_tag(
+            name, replaced, "promotion.replaced_by", str(challenger.version)),
+            config, "tagging the replaced champion", store.uri)
+    _record(store, config, name, decision)
+    logger.info("promotion of %s v%s: %s — %s", name, challenger.version,
+                "PROMOTED" if decision.promoted else "kept out", decision.reason)
+    return decision
+
+
+def _judge(config: Config, decision: PromotionDecision, champion: Any | None) -> None:
+    """Fill ``decision`` (champion version and metrics, verdict, reason) against ``champion``."""
+    decision.champion_version = _version_str(champion)
+    decision.champion_metrics = {}
     champion_note = ""
     if champion is not None:
         try:
@@ -154,20 +225,10 @@ def promote(config: Config) -> PromotionDecision:
             champion_note = (f" (champion v{champion.version} could not be evaluated: {exc}; "
                              "treated as absent)")
     decision.promoted, decision.reason = decide(
-        metric, config.promote.min_improvement, decision.challenger_metrics, decision.popular_metrics,
-        decision.champion_metrics or None, decision.champion_version,
+        config.promote.metric, config.promote.min_improvement, decision.challenger_metrics,
+        decision.popular_metrics, decision.champion_metrics or None, decision.champion_version,
     )
     decision.reason += champion_note
-    if decision.promoted:
-        with_retries(lambda: store.client.set_registered_model_alias(name, CHAMPION, str(challenger.version)),
-                     config, "moving the champion alias", store.uri)
-        if champion is not None:
-            store.client.set_model_version_tag(name, str(champion.version), "promotion.replaced_by",
-                                               str(challenger.version))
-    _record(store, config, name, decision)
-    logger.info("promotion of %s v%s: %s — %s", name, challenger.version,
-                "PROMOTED" if decision.promoted else "kept out", decision.reason)
-    return decision
 
 
 def _record(store: TrackingStore, config: Config, name: str, decision: PromotionDecision) -> None:

@@ -2,7 +2,13 @@
 
 Training never depends on the store: if it is down before, during or after training, the checkpoint is
 kept and the error names the ``recsys register`` command that records it later
-(:func:`register_checkpoint`).
+(:func:`register_checkpoint`). Epoch metrics that cannot be sent are buffered and sent once the store
+answers again (at the latest when training ends, within ``tracking.retry_window_seconds``).
+
+Crash safety: every checkpoint records the id of the run that trained it, so ``--resume`` continues that
+run (never "the latest unfinished one"); runs left RUNNING by a killed process are closed as FAILED by
+the next training of the same checkpoint directory (which holds its lock, so they are certainly dead);
+registration is idempotent per run (recsys.tracking.registry).
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow  # noqa: E402  (after recsys.tracking.store, which sets MLflow's environment first)
+from mlflow import MlflowClient
 
-from recsys.config import Config, config_to_yaml, flatten_config
+from recsys.config import Config, config_to_yaml, flatten_config, redact
 from recsys.schemas import STATS_FILE
 from recsys.tracking.lineage import lineage_tags
-from recsys.tracking.registry import log_and_register
+from recsys.tracking.registry import check_registrable, file_sha256, log_and_register, version_of_run
 from recsys.tracking.run_report import (
     metric_key,
     metrics_markdown,
@@ -32,37 +39,62 @@ from recsys.tracking.store import (
     TrackingStore,
     TrackingUnavailableError,
     connect,
+    is_transient,
     resolve_tracking_uri,
+    try_once,
     with_retries,
 )
 
 logger = logging.getLogger(__name__)
 
+RUN_ID_KEY = "mlflow_run_id"  # in every checkpoint's extra: the run that trained it
+SHA_RUN_TAG = "recsys.checkpoint_sha256"  # on runs made by `recsys register`: which file they record
+
 
 class EpochLogger:
     """``on_epoch`` callback for ``train_model``: per-epoch metrics with ``step=epoch``.
 
-    A store that fails mid-training must not stop training: the first failure is remembered, logged once,
-    and later epochs are not sent (the checkpoint and history still hold everything).
+    A store that fails mid-training must not stop or slow training: each epoch is tried once; what could
+    not be sent stays in ``pending`` and goes out with the next epoch that reaches the store, or from
+    :meth:`flush` (with the full retry window) when training ends.
     """
 
     def __init__(self, config: Config, run_id: str | None, uri: str) -> None:
         self.config, self.run_id, self.uri = config, run_id, uri
-        self.error: Exception | None = None
+        self.error: BaseException | None = None  # the last failure, while epochs are pending
         self.history: list[dict[str, Any]] = []
+        self.pending: list[tuple[int, dict[str, float]]] = []
 
     def __call__(self, info: dict[str, Any]) -> None:
         self.history.append(info)
-        if self.run_id is None or self.error is not None:
+        if self.run_id is None:
             return
-        epoch = int(info.get("epoch", len(self.history)))
-        values = epoch_metrics(info)
-        try:
-            with_retries(lambda: mlflow.log_metrics(values, step=epoch, run_id=self.run_id),
-                         self.config, f"logging epoch {epoch}", self.uri)
-        except TrackingUnavailableError as exc:
-            self.error = exc
-            logger.error("tracking stopped at epoch %d, training continues: %s", epoch, exc)
+        self.pending.append((int(info.get("epoch", len(self.history))), epoch_metrics(info)))
+        self._send(wait=False)
+
+    def flush(self) -> None:
+        """Send every pending epoch, retrying for the configured window (TrackingUnavailableError after)."""
+        self._send(wait=True)
+
+    def _send(self, wait: bool) -> None:
+        while self.pending and self.run_id is not None:
+            epoch, values = self.pending[0]
+
+            def send(values: dict[str, float] = values, epoch: int = epoch, run: str = self.run_id) -> None:
+                mlflow.log_metrics(values, step=epoch, run_id=run)
+
+            if wait:
+                with_retries(send, self.config, f"logging epoch {epoch}", self.uri)
+            else:
+                _, error = try_once(send)
+                if error is not None:
+                    if self.error is None:
+                        logger.warning("tracking store unreachable at epoch %d; training continues and the "
+                                       "epoch metrics are sent when it answers again", epoch)
+                    self.error = error
+                    return
+            self.pending.pop(0)
+        self.error = None
 
 
 def epoch_metrics(info: Mapping[str, Any]) -> dict[str, float]:
@@ -134,24 +166,64 @@ def checkpoint_dir_lock(checkpoint_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _unfinished_run(store: TrackingStore, checkpoint_dir: Path) -> str | None:
-    """The latest run that trained into ``checkpoint_dir`` and did not finish (to continue on resume)."""
+def recorded_run_id(checkpoint: Path) -> str | None:
+    """The run id a checkpoint recorded (None for a missing, unreadable or older checkpoint)."""
+    from recsys.model.checkpoint import CheckpointError, load_checkpoint
+
+    if not Path(checkpoint).is_file():
+        return None
+    try:
+        return load_checkpoint(checkpoint).extra.get(RUN_ID_KEY)
+    except (CheckpointError, KeyError):
+        return None
+
+
+def _existing_run(store: TrackingStore, run_id: str | None) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return store.client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def close_abandoned_runs(store: TrackingStore, checkpoint_dir: Path, keep: str | None = None) -> list[str]:
+    """Mark FAILED the runs of ``checkpoint_dir`` still RUNNING: the caller holds the directory's lock, so
+    whatever process was training into it has died. Returns their ids."""
     runs = store.client.search_runs(
         [store.experiment_id],
-        filter_string=(f"tags.`recsys.checkpoint_dir` = '{checkpoint_dir}' "
-                       "and attributes.status != 'FINISHED'"),
-        order_by=["attributes.start_time DESC"], max_results=1,
+        filter_string=f"tags.`recsys.checkpoint_dir` = '{checkpoint_dir}' and attributes.status = 'RUNNING'",
+        max_results=100,
     )
-    return runs[0].info.run_id if runs else None
+    closed = []
+    for run in runs:
+        if run.info.run_id == keep:
+            continue
+        store.client.set_tag(run.info.run_id, "recsys.closed",
+                             "left RUNNING by a process that died; closed by the next training")
+        store.client.set_terminated(run.info.run_id, status="FAILED")
+        closed.append(run.info.run_id)
+        logger.warning("closed MLflow run %s as FAILED: its training process died", run.info.run_id)
+    return closed
 
 
 def _start_run(config: Config, store: TrackingStore, split_dir: Path, checkpoint_dir: Path,
                resume: bool) -> str:
-    """A new run (tags + params once), or on resume the unfinished run of the same checkpoint directory."""
-    previous = _unfinished_run(store, checkpoint_dir) if resume else None
+    """A new run (tags + params once), or on resume the run recorded in ``last.pt``; abandoned runs of the
+    checkpoint directory are closed as FAILED first."""
+    previous = recorded_run_id(checkpoint_dir / "last.pt") if resume else None
+    if previous is not None and _existing_run(store, previous) is None:
+        logger.warning("run %s recorded in the checkpoint is not in %s: starting a new run", previous,
+                       redact(store.uri))
+        previous = None
+    close_abandoned_runs(store, checkpoint_dir, keep=previous)
     if previous is not None:
         mlflow.start_run(run_id=previous, log_system_metrics=config.tracking.system_metrics)
-        logger.info("resuming MLflow run %s", previous)
+        logger.info("resuming MLflow run %s (recorded in %s)", previous, checkpoint_dir / "last.pt")
         return previous
     tags = {"recsys.kind": "train", "recsys.checkpoint_dir": str(checkpoint_dir),
             **lineage_tags(split_dir, config.paths.events_dir, config.train.seed)}
@@ -166,6 +238,32 @@ def _start_run(config: Config, store: TrackingStore, split_dir: Path, checkpoint
         mlflow.end_run(status="FAILED")
         raise
     return run.info.run_id
+
+
+def _end_run(config: Config, status: str, uri: str) -> None:
+    """End the active run, retrying through an outage (a run must not stay RUNNING after its process).
+
+    ``mlflow.end_run`` takes the run off the active stack before telling the store, so a failure there
+    is finished with retried ``set_terminated`` calls rather than by calling it again.
+    """
+    active = mlflow.active_run()
+    if active is None:
+        return
+    try:
+        mlflow.end_run(status=status)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        client = MlflowClient(tracking_uri=uri)
+        with_retries(lambda: client.set_terminated(active.info.run_id, status=status), config,
+                     f"ending the run as {status}", uri)
+
+
+def run_url(config: Config, store: TrackingStore, run_id: str) -> str:
+    """Link to a run in the MLflow UI a person can open: ``tracking.ui_url``, else the server (redacted),
+    else ``recsys ui``'s address for the embedded store."""
+    base = config.tracking.ui_url or ("http://127.0.0.1:5000" if store.embedded else redact(store.uri))
+    return f"{base.rstrip('/')}/#/experiments/{store.experiment_id}/runs/{run_id}"
 
 
 def resolved_params(config: Config) -> dict[str, str]:
@@ -185,16 +283,20 @@ def tracked_training(
     """Train GRU4Rec inside an MLflow run, log everything, register the model as the new challenger.
 
     Returns ``{"run_id", "model_version", "registered_model", "metrics", "checkpoint", "tracking_uri"}``
-    plus the plain training summary (``test_metrics``, ``baseline_metrics``, ``history``, ``best_epoch``,
-    ``stopped_early``, ``device``). If the store is unreachable (before, during or after training)
-    training still completes and a :class:`TrackingUnavailableError` names the kept checkpoint and the
-    ``recsys register`` command. ``resume=True`` continues both the checkpoint (``train_model``) and its
-    unfinished MLflow run. ``checkpoint_dir`` defaults to ``checkpoints/<train.run_name>``.
+    (the URI redacted) plus the plain training summary (``test_metrics``, ``baseline_metrics``,
+    ``history``, ``best_epoch``, ``stopped_early``, ``device``). ``model_version`` is the version this run
+    registered: the one a promotion of this training must judge. If the store is unreachable (before,
+    during or after training, past the retry window) training still completes and a
+    :class:`TrackingUnavailableError` names the kept checkpoint and the ``recsys register`` command.
+    ``resume=True`` continues both the checkpoint (``train_model``) and the run recorded in it.
+    ``checkpoint_dir`` defaults to ``checkpoints/<train.run_name>`` (always under the data root).
     """
+    from recsys.config import confined
     from recsys.training.train import train_model
 
     split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
-    checkpoint_dir = Path(checkpoint_dir or config.paths.checkpoints_dir / config.train.run_name).resolve()
+    checkpoint_dir = Path(checkpoint_dir or config.paths.checkpoints_dir / config.train.run_name)
+    checkpoint_dir = confined(checkpoint_dir, config.paths.data_root, "checkpoint directory")
     uri = resolve_tracking_uri(config)
     with checkpoint_dir_lock(checkpoint_dir):
         run_id: str | None = None
@@ -203,7 +305,8 @@ def tracked_training(
             store = connect(config)
             run_id = with_retries(lambda: _start_run(config, store, split_dir, checkpoint_dir, resume),
                                   config, "starting the run", uri)
-            logger.info("MLflow run %s in experiment %r at %s", run_id, store.experiment, uri)
+            logger.info("MLflow run %s in experiment %r: %s", run_id, store.experiment,
+                        run_url(config, store, run_id))
         except TrackingUnavailableError as exc:
             logger.error("training without tracking: %s", exc)
             start_error = exc
@@ -211,7 +314,7 @@ def tracked_training(
         epochs = EpochLogger(config, run_id, uri)
         try:
             result = train_model(config, split_dir=split_dir, checkpoint_dir=checkpoint_dir, resume=resume,
-                                 on_epoch=epochs)
+                                 on_epoch=epochs, checkpoint_tags={RUN_ID_KEY: run_id} if run_id else None)
         except BaseException:
             if run_id is not None:
                 with contextlib.suppress(Exception):
@@ -226,24 +329,25 @@ def tracked_training(
     if run_id is None:
         raise TrackingUnavailableError(f"{start_error}; training finished, {_register_hint(checkpoint)}")
     try:
+        epochs.flush()
         with_retries(lambda: _finish_run(config, split_dir, result, metrics, run_id), config,
                      "logging final metrics and artifacts", uri)
         version = with_retries(lambda: log_and_register(config, checkpoint, run_id), config,
                                "logging and registering the model", uri)
-    except TrackingUnavailableError as exc:
-        with contextlib.suppress(Exception):
+        _end_run(config, "FINISHED", uri)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # unreachable: the next training closes it as FAILED
             mlflow.end_run(status="FAILED")
-        raise TrackingUnavailableError(f"{exc}; {_register_hint(checkpoint)}") from exc
-    mlflow.end_run(status="FINISHED")
-    if epochs.error is not None:
-        logger.warning("some epochs were not logged (%s); the final metrics and model were", epochs.error)
+        if isinstance(exc, TrackingUnavailableError):
+            raise TrackingUnavailableError(f"{exc}; {_register_hint(checkpoint)}") from exc
+        raise
     return {
         "run_id": run_id,
         "model_version": str(version.version),
         "registered_model": version.name,
         "metrics": metrics,
         "checkpoint": str(checkpoint),
-        "tracking_uri": uri,
+        "tracking_uri": redact(uri),
         "test_metrics": dict(result.test_metrics),
         "baseline_metrics": {k: dict(v) for k, v in result.baseline_metrics.items()},
         "history": list(result.history),
@@ -262,39 +366,66 @@ def _finish_run(config: Config, split_dir: Path, result: Any, metrics: dict[str,
                        result.baseline_metrics, run_id)
 
 
+def _register_run(config: Config, store: TrackingStore, checkpoint_path: Path, ckpt: Any,
+                  sha: str) -> tuple[str, bool]:
+    """The run a checkpoint is registered under, and whether it is new: the training run the checkpoint
+    recorded, else an earlier ``recsys register`` run of the same file, else a new one."""
+    recorded = ckpt.extra.get(RUN_ID_KEY)
+    if _existing_run(store, recorded) is not None:
+        return recorded, False
+    earlier = store.client.search_runs([store.experiment_id], filter_string=f"tags.`{SHA_RUN_TAG}` = '{sha}'",
+                                       order_by=["attributes.start_time ASC"], max_results=1)
+    if earlier:
+        return earlier[0].info.run_id, False
+    tags = {"recsys.kind": "register", "checkpoint": str(checkpoint_path.resolve()), SHA_RUN_TAG: sha,
+            "seed": str(ckpt.config.train.seed), "n_items": str(ckpt.n_items)}
+    if config.paths.split_dir.is_dir():
+        tags.update(lineage_tags(config.paths.split_dir, config.paths.events_dir, ckpt.config.train.seed))
+    run = store.client.create_run(store.experiment_id, run_name="register", tags=tags)
+    return run.info.run_id, True
+
+
 def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]:
     """Record an existing checkpoint (e.g. trained while the tracking server was down) as a run + version.
 
     Params come from the checkpoint's own config (what trained it), metrics from what it stored; the
-    current config decides where it is tracked and under which registered model name.
+    current config decides where it is tracked and under which registered model name. Idempotent: a
+    checkpoint whose run already has a version returns that version (a second call, or one after a kill,
+    never makes another). Unreadable checkpoints and non-finite weights are refused before the store is
+    touched.
     """
-    from recsys.model.checkpoint import load_checkpoint
-
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"{checkpoint_path} does not exist")
-    ckpt = load_checkpoint(checkpoint_path)  # fail before touching the store if it is unreadable
+    ckpt = check_registrable(checkpoint_path)
+    sha = file_sha256(checkpoint_path)
     store = connect(config)
-    tags = {"recsys.kind": "register", "checkpoint": str(checkpoint_path.resolve()),
-            "seed": str(ckpt.config.train.seed), "n_items": str(ckpt.n_items)}
-    if config.paths.split_dir.is_dir():
-        tags.update(lineage_tags(config.paths.split_dir, config.paths.events_dir, ckpt.config.train.seed))
-    run = with_retries(
-        lambda: mlflow.start_run(experiment_id=store.experiment_id, run_name="register", tags=tags),
-        config, "starting the run", store.uri,
-    )
-    try:
-        mlflow.log_params(flatten_config(ckpt.config))
-        metrics = numeric_items(ckpt.metrics)
-        if metrics:
-            mlflow.log_metrics(metrics, step=ckpt.epoch)
-        for entry in (ckpt.extra or {}).get("history", []):
-            mlflow.log_metrics(epoch_metrics(entry), step=int(entry.get("epoch", 0)))
-        version = log_and_register(config, checkpoint_path, run.info.run_id)
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run(status="FINISHED")
-    return {"run_id": run.info.run_id, "model_version": str(version.version),
+    name = config.tracking.registered_model
+    run_id, new = with_retries(lambda: _register_run(config, store, checkpoint_path, ckpt, sha), config,
+                               "finding the checkpoint's run", store.uri)
+    metrics = numeric_items(ckpt.metrics)
+    existing = with_retries(lambda: version_of_run(store.client, name, run_id), config,
+                            "looking up the run's version", store.uri)
+    if existing is None or not existing.tags.get("checkpoint_sha256"):  # none yet, or a killed registration
+        with_retries(lambda: mlflow.start_run(run_id=run_id), config, "opening the run", store.uri)
+        try:
+            if new:
+                mlflow.log_params(flatten_config(ckpt.config))
+                if metrics:
+                    mlflow.log_metrics(metrics, step=ckpt.epoch)
+                for entry in (ckpt.extra or {}).get("history", []):
+                    mlflow.log_metrics(epoch_metrics(entry), step=int(entry.get("epoch", 0)))
+            version = with_retries(lambda: log_and_register(config, checkpoint_path, run_id), config,
+                                   "logging and registering the model", store.uri)
+            _end_run(config, "FINISHED", store.uri)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                mlflow.end_run(status="FAILED")
+            raise
+    else:
+        version = existing
+        logger.info("%s is already registered as %s version %s (run %s)", checkpoint_path, name,
+                    version.version, run_id)
+    return {"run_id": run_id, "model_version": str(version.version),
             "registered_model": version.name, "metrics": metrics, "checkpoint": str(checkpoint_path),
-            "tracking_uri": store.uri}
+            "tracking_uri": redact(store.uri)}

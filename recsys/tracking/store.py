@@ -2,10 +2,11 @@
 
 The default store is embedded (a SQLite file and an artifact folder under ``paths.data_root/mlflow``) so
 nothing has to be started by hand; ``tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI`` point at a
-real server instead. Every call to the store goes through :func:`with_retries` (bounded, exponential
-backoff) and MLflow's own HTTP retries are capped, so an unreachable server produces a clear error in
-seconds instead of hanging a run. Training never depends on the store: if it is down, the checkpoint is
-kept and the error says how to register it later.
+real server instead. Every call to the store goes through :func:`with_retries`: transient failures are
+retried with exponential backoff for ``tracking.retry_window_seconds`` in all (long enough to outlast a server
+restart), then a clear error names the store. MLflow's own HTTP retries are off so that window is the
+only one. Training never depends on the store: if it is down, the checkpoint is kept and the error says
+how to register it later. A tracking URI is only ever shown :func:`~recsys.config.redact`-ed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow prints a "View run <url>" line built from the tracking URI, credentials included: we log our own,
+# redacted one instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402
@@ -31,7 +35,7 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from recsys.config import Config  # noqa: E402
+from recsys.config import Config, redact  # noqa: E402
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,34 +106,48 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
-    line = (str(exc).splitlines() or [type(exc).__name__])[0]
+    line = redact((str(exc).splitlines() or [type(exc).__name__])[0])
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def with_retries(fn: Callable[[], T], config: Config, what: str, uri: str | None = None) -> T:
-    """Call ``fn``; on transient errors retry ``tracking.retries`` times with doubling backoff.
+    """Call ``fn``; retry transient errors with doubling backoff for ``tracking.retry_window_seconds``.
 
-    The final failure is a :class:`TrackingUnavailableError` naming the URI and the last error.
+    The final failure is a :class:`TrackingUnavailableError` naming the (redacted) URI and the last error.
     """
-    uri = uri or resolve_tracking_uri(config)
-    attempts = config.tracking.retries + 1
-    delay = config.tracking.retry_backoff_seconds
-    for attempt in range(1, attempts + 1):
+    shown = redact(uri or resolve_tracking_uri(config))
+    settings = config.tracking
+    deadline = time.monotonic() + settings.retry_window_seconds
+    delay = settings.retry_backoff_seconds
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            if attempt == attempts:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TrackingUnavailableError(
-                    f"MLflow tracking store {uri} is unreachable ({what} failed {attempts} time(s)); "
-                    f"last error: {_short(exc)}"
+                    f"MLflow tracking store {shown} is unreachable ({what} failed {attempt} time(s) over "
+                    f"{settings.retry_window_seconds:g} s); last error: {_short(exc)}"
                 ) from exc
-            logger.warning("%s against %s failed (attempt %d/%d), retrying in %.1f s: %s",
-                           what, uri, attempt, attempts, delay, _short(exc))
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")  # the loop either returns or raises
+            wait = min(delay, left)
+            logger.warning("%s against %s failed (attempt %d, %.0f s left), retrying in %.1f s: %s",
+                           what, shown, attempt, left, wait, _short(exc))
+            time.sleep(wait)
+            delay = min(delay * 2, settings.retry_max_backoff_seconds)
+
+
+def try_once(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+    """One attempt without waiting: ``(result, None)``, or ``(None, error)`` for a transient failure."""
+    try:
+        return fn(), None
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        return None, exc
 
 
 @contextlib.contextmanager

@@ -164,7 +164,8 @@ def _resume(last_path: Path, model: GRU4Rec, trainer: SessionParallelTrainer, n_
 
 
 def _select(config: Config, vocab: Vocab, train: SequenceSet, valid: SequenceSet, checkpoint_dir: Path,
-            device: torch.device, resume: bool, on_epoch: Callable[[dict], None] | None) -> _Selection:
+            device: torch.device, resume: bool, on_epoch: Callable[[dict], None] | None,
+            tags: dict[str, Any]) -> _Selection:
     """Train epoch by epoch, validate each, keep the best as ``best.pt``; stop after ``patience`` bad ones."""
     cfg = config.train
     model, trainer = _fresh_model(config, vocab, device)
@@ -197,9 +198,9 @@ def _select(config: Config, vocab: Vocab, train: SequenceSet, valid: SequenceSet
         metrics = {"train_loss": train_loss, **{f"valid_{k}": v for k, v in valid_metrics.items()}}
         if improved:
             save_checkpoint(best_path, model=model, optimizer=None, config=config, vocab=vocab, epoch=epoch,
-                            metrics=metrics, extra={"history": state.history})
+                            metrics=metrics, extra={"history": state.history, **tags})
         save_checkpoint(last_path, model=model, optimizer=trainer, config=config, vocab=vocab, epoch=epoch,
-                        metrics=metrics, extra=state.checkpoint_extra(device))
+                        metrics=metrics, extra={**state.checkpoint_extra(device), **tags})
         if on_epoch is not None:
             on_epoch(entry)
         if state.stopped_early:
@@ -209,7 +210,7 @@ def _select(config: Config, vocab: Vocab, train: SequenceSet, valid: SequenceSet
 
 
 def _refit_selected(config: Config, split_dir: Path, vocab: Vocab, state: _Selection, device: torch.device,
-                    best_path: Path) -> int:
+                    best_path: Path, tags: dict[str, Any]) -> int:
     """Epochs of the refit on train + valid that ``best_path`` holds (0: refit off or nothing selected)."""
     if not config.train.refit or state.best_epoch == 0:
         return 0
@@ -218,7 +219,7 @@ def _refit_selected(config: Config, split_dir: Path, vocab: Vocab, state: _Selec
     if done:  # a resumed run whose refit had already finished
         return done
     _refit(config, split_dir, vocab, state.best_epoch, device, best_path, selected.metrics,
-           {"history": state.history})
+           {"history": state.history, **tags})
     return state.best_epoch
 
 
@@ -239,20 +240,24 @@ def train_model(
     on_epoch: Callable[[dict], None] | None = None,
     *,
     evaluate_test: bool = True,
+    checkpoint_tags: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Select (epochs, early stopping on validation MRR@20), refit if configured, then test vs baselines.
 
     ``resume=True`` continues from ``checkpoint_dir/last.pt`` when present (a fresh start otherwise).
     ``evaluate_test=False`` skips the final test evaluation (tuning on validation only).
+    ``checkpoint_tags`` go into every checkpoint's ``extra`` (the MLflow run that trained it, so a resume
+    continues that run and no other).
     """
     split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
     checkpoint_dir = (Path(checkpoint_dir) if checkpoint_dir is not None
                       else config.paths.checkpoints_dir / config.train.run_name)
     device = resolve_device(config.train.device, "train.device")
     vocab, train, valid = _load_inputs(split_dir)
-    state = _select(config, vocab, train, valid, checkpoint_dir, device, resume, on_epoch)
+    tags = dict(checkpoint_tags or {})
+    state = _select(config, vocab, train, valid, checkpoint_dir, device, resume, on_epoch, tags)
     best_path = checkpoint_dir / BEST
-    refit_epochs = _refit_selected(config, split_dir, vocab, state, device, best_path)
+    refit_epochs = _refit_selected(config, split_dir, vocab, state, device, best_path, tags)
     test_metrics: dict[str, float] = {}
     baseline_metrics: dict[str, dict[str, float]] = {}
     if evaluate_test:

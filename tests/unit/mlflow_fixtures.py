@@ -22,7 +22,7 @@ def make_config(root: Path, **sections: dict) -> Config:
         "model": {"hidden_size": 8},
         "train": {"epochs": 1, "n_sample": 16, "batch_size": 8, "device": "cpu", "patience": 5},
         "tracking": {"tracking_uri": f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}",
-                     "retries": 1, "retry_backoff_seconds": 0.05},
+                     "retry_window_seconds": 0.2, "retry_backoff_seconds": 0.05},
     }
     for section, extra in sections.items():
         values[section] = {**values.get(section, {}), **extra}
@@ -55,6 +55,16 @@ def constant_checkpoint(source: Path, out: Path) -> Path:
     model.load_state_dict(state)
     return save_checkpoint(out, model=model, optimizer=None, config=ckpt.config, vocab=ckpt.vocab,
                            epoch=ckpt.epoch, metrics={})
+
+
+def copy_checkpoint(source: Path, out: Path) -> Path:
+    """The same model saved as another file (other bytes): registering it makes a new version, while
+    registering the same file again returns the version it already has."""
+    ckpt = load_checkpoint(source)
+    model = GRU4Rec(ckpt.n_items, ckpt.config.model)
+    model.load_state_dict(ckpt.model_state)
+    return save_checkpoint(out, model=model, optimizer=None, config=ckpt.config, vocab=ckpt.vocab,
+                           epoch=ckpt.epoch, metrics=ckpt.metrics, extra={**ckpt.extra, "copy_of": out.name})
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
-from mlflow_fixtures import constant_checkpoint, make_world, train_checkpoint
+from mlflow_fixtures import constant_checkpoint, copy_checkpoint, make_world, train_checkpoint
 
 from recsys.model.checkpoint import build_model, load_checkpoint
 from recsys.model.pyfunc import recommend
@@ -87,14 +87,16 @@ def test_promotion_gate_branches_on_real_versions(world):
     assert json.loads(_tags(config, v_strong)["promotion.champion_metrics"])["mrr@20"] == pytest.approx(
         better.champion_metrics["mrr@20"], abs=1e-6)
 
-    # worse than the champion
-    register_checkpoint(config, ckpt["weak"])
+    # worse than the champion (the weak model again, as a new file: the same file keeps its version)
+    assert register_checkpoint(config, ckpt["weak"])["model_version"] == v_weak
+    register_checkpoint(config, copy_checkpoint(ckpt["weak"], config.paths.data_root / "weak-copy.pt"))
     worse = promote(config)
     assert not worse.promoted and "not better than champion" in worse.reason
     assert _alias(config, CHAMPION) == v_strong
 
     # a challenger whose stored checkpoint is corrupt never becomes champion
-    v_bad = register_checkpoint(config, ckpt["strong"])["model_version"]
+    v_bad = register_checkpoint(config, copy_checkpoint(ckpt["strong"], config.paths.data_root / "bad.pt"))[
+        "model_version"]
     source = _client(config).get_model_version(name, v_bad).source
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(
         config.paths.data_root / "peek")))
