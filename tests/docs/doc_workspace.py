@@ -41,7 +41,7 @@ TINY: dict[str, dict[str, object]] = {
     "generate": {"n_events": 4000},
     "train": {"epochs": 1, "batch_size": 16, "n_sample": 32},
     "model": {"hidden_size": 16},
-    "tracking": {"system_metrics": False, "retries": 0},
+    "tracking": {"system_metrics": False, "retry_window_seconds": 0},
     "evaluate": {"knn_neighbours": 20},
     "orchestrate": {"io_retry_delay_seconds": 0},
     "tune": {"n_trials": 2, "epochs": 1, "prune_after_trials": 1},
