@@ -14,8 +14,9 @@ size for comparison with ``recsys.data.sessions.build_sessions``.
 Storage comparison (issue 12), in the same run on the same generated files: ``ingest`` writes the Delta
 events table (one commit per run); ``ingest-hive`` runs the previous layout (hive Parquet, one atomic
 file swap per date partition), i.e. the ``recsys`` package of ``--baseline`` (a git ref, default the last
-commit with that layout, extracted with ``git archive``), into its own data root; ``reingest`` ingests the same files into the
-Delta table again (merge mode: every row is a duplicate, nothing is written: the idempotence cost).
+commit with that layout, extracted with ``git archive``), into its own data root; ``reingest`` ingests
+the same files into the Delta table again (merge mode: every row is a duplicate, nothing is written: the
+idempotence cost).
 
     .venv/bin/python benchmarks/bench_ingest.py --sizes 10M,50M
 
