@@ -13,11 +13,12 @@ size for comparison with ``recsys.data.sessions.build_sessions``.
 
 Storage comparison (issue 12), in the same run on the same generated files: ``ingest`` writes the Delta
 events table (one commit per run); ``ingest-hive`` runs the previous layout (hive Parquet, one atomic
-file swap per date partition), i.e. the ``recsys`` package of ``--baseline`` (a git ref, default ``main``,
-extracted with ``git archive``), into its own data root; ``reingest`` ingests the same files into the
-Delta table again (merge mode: every row is a duplicate, nothing is written: the idempotence cost).
+file swap per date partition), i.e. the ``recsys`` package of ``--baseline`` (a git ref, default the last
+commit with that layout, extracted with ``git archive``), into its own data root; ``reingest`` ingests
+the same files into the Delta table again (merge mode: every row is a duplicate, nothing is written: the
+idempotence cost).
 
-    .venv/bin/python benchmarks/bench_ingest.py --sizes 10M,50M --baseline main
+    .venv/bin/python benchmarks/bench_ingest.py --sizes 10M,50M
 
 Targets (issues 2, 12): ingest->sessions->split >= 1.5M events/s at 10M events; 50M events with peak
 RSS <= 6 GB; ours >= 5x faster than the pandas sessioniser.
@@ -341,8 +342,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="cProfile each pipeline stage into benchmarks/results/profile_<stage>_<size>.txt")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
-    ap.add_argument("--baseline", default="main",
-                    help="git ref whose ingest (the previous hive layout) runs as ingest-hive; '' to skip")
+    ap.add_argument("--baseline", default="40dabb0",
+                    help="git ref whose ingest runs as ingest-hive (default: the last commit with the hive "
+                         "Parquet layout); '' to skip")
     ap.add_argument("--no-reingest", action="store_true", help="skip the idempotent re-ingest stage")
     ap.add_argument("--_stage", dest="stage", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)

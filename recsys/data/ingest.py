@@ -286,6 +286,28 @@ def _partition_expr(column: str) -> pl.Expr:
     return pl.col(TS).dt.strftime(fmt).alias("_part")
 
 
+def _new_events(unit: pl.DataFrame, target: _Target, events_dir: Path, merge: bool,
+                reports: list[FileReport]) -> dict[tuple[str], pl.DataFrame]:
+    """De-duplicate one unit of staged rows (against the stored events in merge mode); the events to
+    write per partition, in the table's schema, and the counts added to ``reports``."""
+    frame = _with_stored(unit, target, events_dir) if merge else unit
+    stored = frame.height > unit.height
+    kept, dups = _dedup(frame)
+    del frame
+    for i, n in _per_file(dups["_file"]):
+        reports[i].duplicates += n
+    new = kept.filter(pl.col("_file") >= 0) if stored else kept
+    del kept
+    for i, n in _per_file(new["_file"]):
+        reports[i].events_written += n
+    if new.height == 0:
+        return {}
+    new = new.select(*[pl.col(c).cast(t) for c, t in target.schema.items()], "_part")
+    if new["_part"].n_unique() == 1:
+        return {(new["_part"][0],): new.drop("_part")}
+    return new.partition_by("_part", as_dict=True, maintain_order=True, include_key=False)
+
+
 HELD_ROWS = 2_000_000  # month partitions: rows gathered across buckets before they are written
 
 
@@ -319,24 +341,21 @@ def _write_events(stage: Stage, reports: list[FileReport], config: Config, targe
             frame = lf.select(*EVENT_COLUMNS, "_file", "_row", pl.col(TS).dt.date().alias("_day"),
                               _partition_expr(target.column)).collect()
             stage.drop(bucket)
-            if merge:
-                frame = _with_stored(frame, target, events_dir)
-            # one sort per bucket (copies share a day, so never span buckets), then split by partition
-            kept, dups = _dedup(frame)
-            del frame
-            for i, n in _per_file(dups["_file"]):
-                reports[i].duplicates += n
-            new = kept.filter(pl.col("_file") >= 0)
-            del kept
-            for i, n in _per_file(new["_file"]):
-                reports[i].events_written += n
-            new = new.select(*[pl.col(c).cast(t) for c, t in target.schema.items()], "_part")
-            if new["_part"].n_unique() <= 1:  # the usual case: a bucket holds one date
-                parts = {(new["_part"][0],): new.drop("_part")} if new.height else {}
+            # day partitions: one sort per day (a bucket may hold several); month: one per bucket
+            # (copies share a day, so they never span buckets)
+            if target.column == events_table.EVENT_DATE and frame["_part"].n_unique() > 1:
+                units = [u for _, u in sorted(frame.partition_by("_part", as_dict=True,
+                                                                 maintain_order=True).items())]
             else:
-                parts = new.partition_by("_part", as_dict=True, maintain_order=True, include_key=False)
+                units = [frame]
+            del frame
+            parts: dict[tuple[str], pl.DataFrame] = {}
+            for unit in units:
+                for key, out in _new_events(unit, target, events_dir, merge, reports).items():
+                    parts[key] = out
+            del units
             if not merge:
-                for name in set(new["_part"].unique().to_list()) - set(replaced):
+                for (name,) in set(parts) - {(r,) for r in replaced}:
                     old = target.files.get(name, [])
                     pending.removes += old
                     replaced[name] = sum(f.rows or 0 for f in old)
