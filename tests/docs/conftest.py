@@ -8,23 +8,22 @@ from pathlib import Path
 
 import doc_workspace
 import pytest
-from snippets import snippet_env
+from snippets import snippet_env, write_console_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def reader_bin() -> Path:
-    """The venv's bin directory: ``recsys`` and ``python`` as after ``source .venv/bin/activate``."""
-    bin_dir = Path(sys.executable).parent
-    if not (bin_dir / "recsys").is_file():
-        pytest.fail(f"no recsys console script in {bin_dir}: install the project (pip install -e .) first")
+def reader_bin(tmp_path_factory) -> Path:
+    """This checkout's ``recsys`` console script (the venv's python, ruff, hadolint... come after it)."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    write_console_script(bin_dir, REPO)
     return bin_dir
 
 
 @pytest.fixture(scope="session")
 def reader_env(reader_bin) -> dict[str, str]:
-    return snippet_env(reader_bin, REPO)
+    return snippet_env(Path(sys.executable).parent, REPO, extra_bin=reader_bin)
 
 
 @pytest.fixture(scope="session")

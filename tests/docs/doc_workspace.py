@@ -103,6 +103,14 @@ def write_sample_inputs(repo: Path, shared: Path) -> None:
     _write_text(repo / "withdrawn.txt", "".join(f"{i}\n" for i in clean["item_id"].unique().sort().head(2)))
 
 
+def write_activate(venv_bin: Path, env: dict[str, str]) -> None:
+    """A ``.venv/bin/activate`` for ``source .venv/bin/activate`` blocks: the tests' PATH (this checkout's
+    ``recsys``, then the test venv's tools), as the real script sets up after ``make``."""
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "activate").write_text(f"export VIRTUAL_ENV='{sys.prefix}'\nexport PATH='{env['PATH']}'\n")
+    (venv_bin / "python").symlink_to(sys.executable)
+
+
 class WorkspaceError(RuntimeError):
     """A block of the builder page failed; the message is that block's failure report."""
 
@@ -116,7 +124,7 @@ def build(base: Path, name: str, env: dict[str, str], inputs: Path | None = None
         repo = base / "repo"
         write_tiny_conf(repo / "conf")
         shutil.copytree(REPO / "docker", repo / "docker", ignore=shutil.ignore_patterns(".env"))
-        (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)  # `source .venv/bin/activate`
+        write_activate(repo / ".venv" / "bin", env)
         write_sample_inputs(repo, base / "shared" / "data")
         return repo
     assert inputs is not None

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,13 +131,33 @@ def failure_report(snippet: Snippet, result: subprocess.CompletedProcess[str], t
             f"--- block\n{snippet.code}--- output (last {tail} chars)\n{out}")
 
 
-def snippet_env(bin_dir: Path, repo: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a reader who ran ``source .venv/bin/activate`` in the repository root."""
+def write_console_script(bin_dir: Path, repo: Path, name: str = "recsys") -> Path:
+    """``bin_dir/recsys`` running this checkout's entry point (pyproject.toml [project.scripts]).
+
+    The venv's own script may come from another checkout's install (a shared development venv), so the
+    tests run the entry point that this checkout declares, with the test's Python.
+    """
+    scripts = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts[name].partition(":")
+    path = bin_dir / name
+    path.write_text(f"#!/bin/sh\nexec '{sys.executable}' -c 'import sys; sys.argv[0] = \"{name}\"; "
+                    f"from {module} import {func}; sys.exit({func}())' \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def snippet_env(bin_dir: Path, repo: Path, base: dict[str, str] | None = None,
+                extra_bin: Path | None = None) -> dict[str, str]:
+    """The environment of a reader who ran ``source .venv/bin/activate`` in the repository root.
+
+    ``extra_bin`` (this checkout's console script) comes before ``bin_dir`` (the venv's tools).
+    """
     env = dict(os.environ if base is None else base)
     for name in ("RECSYS_DATA_ROOT", "RECSYS_PROFILE", "RECSYS_CONF_DIR", "MLFLOW_TRACKING_URI",
                  "PREFECT_API_URL", "PREFECT_HOME", "PYTEST_CURRENT_TEST"):
         env.pop(name, None)
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    first = f"{extra_bin}{os.pathsep}" if extra_bin else ""
+    env["PATH"] = f"{first}{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(repo)  # this checkout's code, also when the venv holds another copy
     env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", COLUMNS="120")

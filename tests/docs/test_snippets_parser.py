@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from snippets import Snippet, SnippetError, parse_page, run_snippet, snippet_env
+from snippets import Snippet, SnippetError, parse_page, run_snippet, snippet_env, write_console_script
 
 PAGE = Path("page.md")
 
@@ -108,3 +109,11 @@ def test_reader_env_drops_the_test_runs_settings():
     assert env["PATH"] == f"/venv/bin{os.pathsep}/usr/bin"
     assert "RECSYS_DATA_ROOT" not in env and "MLFLOW_TRACKING_URI" not in env
     assert env["PYTHONPATH"] == "/repo"
+
+
+def test_console_script_runs_this_checkouts_entry_point(tmp_path):
+    script = write_console_script(tmp_path, Path(__file__).resolve().parents[2])
+    result = subprocess.run([str(script), "--help"], text=True, capture_output=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert result.returncode == 0, result.stderr
+    assert "pipeline" in result.stdout and "Usage: recsys" in result.stdout
