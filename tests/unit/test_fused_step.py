@@ -160,3 +160,16 @@ def test_prepare_leaves_training_unchanged():
     assert prepared_run[0] == plain_run[0]
     for key, value in plain_run[1].items():
         assert torch.equal(prepared_run[1][key], value), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["cross_entropy", "bpr_max"])
+def test_compiled_fast_step_equals_eager(loss):
+    """train.compile: inductor's fused step gives the eager step's numbers (compiles: tens of seconds)."""
+    mcfg = ModelConfig(cell="gru", hidden_size=8, history_bias=True, n_layers=2)
+    tcfg = TrainConfig(loss=loss, batch_size=6, n_sample=10, mask_seen_negatives=True, logq=0.3, momentum=0.2)
+    eager_losses, eager, _ = _train_steps(True, mcfg, tcfg)
+    compiled_losses, compiled, _ = _train_steps(True, mcfg, tcfg.model_copy(update={"compile": True}))
+    np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-4, msg=key)
