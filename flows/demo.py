@@ -7,7 +7,6 @@ store (<data_root>/mlflow); nothing needs to be started first.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from datetime import date
 from pathlib import Path
@@ -129,7 +128,9 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
     console.print(f"promotion: {'promoted' if decision.get('promoted') else 'not promoted'} — "
                   f"{decision.get('reason', '')}")
     console.print(f"MLflow run: {summary['train'].get('run_url')}")
-    embedded = not (config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    from recsys.tracking.store import resolve_tracking_uri
+
+    embedded = resolve_tracking_uri(config).startswith("sqlite:")
     if config.tracking.ui_url is None and embedded:  # otherwise the run link above is the UI
         console.print("open the MLflow UI:  [bold]recsys ui[/bold]   (then http://127.0.0.1:5000)")
     console.print(f"Prefect runs are recorded under {config.paths.prefect_home}: "
