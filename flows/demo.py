@@ -55,7 +55,8 @@ FRESH_OVERRIDES: tuple[str, ...] = ("split.test_days=1", "split.valid_days=3")
 HISTORY_SHARE = 0.7  # the first day's pipeline sees this share of the synthetic period (releases follow)
 
 
-def split_raw_by_day(files: list[Path], out_dir: Path, first_day: date, n_days: int) -> tuple[Path, list[Path]]:
+def split_raw_by_day(files: list[Path], out_dir: Path, first_day: date,
+                     n_days: int) -> tuple[Path, list[Path]]:
     """Raw event files -> one file of history (before ``first_day``, plus rows whose time cannot be
     read: the ingest quarantines them) and one file per following day, as a daily log drop would be."""
     raw = pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
@@ -85,8 +86,8 @@ def run_days(overrides: list[str], n_days: int, shards: int = 1, executor: str =
     generated = generate(config)
     start = config.generate.start_date.date()
     first_day = start + timedelta(days=max(1, int(config.generate.days * HISTORY_SHARE) - n_days + 1))
-    history, day_files = split_raw_by_day([Path(f) for f in generated["files"]], config.paths.raw_dir / "days",
-                                          first_day, n_days - 1)
+    history, day_files = split_raw_by_day([Path(f) for f in generated["files"]],
+                                          config.paths.raw_dir / "days", first_day, n_days - 1)
     summary = pipeline_flow(run_date=first_day, input=[str(history)], shards=shards, executor=executor,
                             overrides=overrides)
     days = [{"run_date": str(first_day), "kind": "full training",
@@ -174,7 +175,8 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
     recs = pl.read_parquet(export / "part-0.parquet")
     found = sorted(config.paths.raw_dir.glob("*/catalogue.parquet"))
     ingested = config.paths.catalogue_file  # recsys catalogue / the update flow publish it here
-    catalogue = (ingested if ingested.is_file() else None) or summary.get("catalogue") or (found[0] if found else None)
+    catalogue = ((ingested if ingested.is_file() else None) or summary.get("catalogue")
+                 or (found[0] if found else None))
     titles = _titles(Path(catalogue) if catalogue else None)
     events = pl.scan_parquet(str(config.paths.events_dir / "**" / "*.parquet"), hive_partitioning=False)
     users = recs.filter(pl.col(SOURCE) == "model")[USER_ID].unique(maintain_order=True).head(n_users)

@@ -83,7 +83,8 @@ def update_report(day: str, update: dict[str, Any], decision: dict[str, Any] | N
     lines = [f"# Update {day}", "", f"- {update.get('lineage')}",
              f"- new items: {update.get('n_new_items')} (rows from series {sources.get('series', '–')}, "
              f"genre {sources.get('genre', '–')}, popularity {sources.get('popularity', '–')})",
-             f"- sequences: {update.get('new_sequences', '–')} new + {update.get('replay_sequences', '–')} replay",
+             f"- sequences: {update.get('new_sequences', '–')} new + "
+             f"{update.get('replay_sequences', '–')} replay",
              f"- seconds: {update.get('seconds', '–')}",
              f"- registered version {update.get('model_version')} as @challenger"]
     if decision:

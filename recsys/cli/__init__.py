@@ -13,4 +13,6 @@ from recsys.cli import update_commands
 from recsys.cli import tracking_commands
 from recsys.cli import serving_commands
 
-__all__ = ["app", "data_commands", "serving_commands", "tracking_commands", "training_commands", "update_commands"]
+__all__ = [
+    "app", "data_commands", "serving_commands", "tracking_commands", "training_commands", "update_commands",
+]

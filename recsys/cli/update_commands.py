@@ -14,7 +14,8 @@ from recsys.cli.common import ConfOption, SetOption, app, console, fail, load_cl
 @app.command()
 def catalogue(
     input: Annotated[Path, typer.Option(  # noqa: A002 - the option name users see
-        "--input", help="Item table: Parquet/CSV (item_id, title, kind, ...), MovieLens u.item or movies.csv.")],
+        "--input", help="Item table: Parquet/CSV (item_id, title, kind, ...), MovieLens u.item, movies.csv.",
+    )],
     conf: ConfOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -29,13 +30,13 @@ def catalogue(
         raise fail(str(exc)) from None
     bad = sum(report.quarantined.values())
     console.print(f"catalogue: {report.items_written} items from {report.rows_in} rows -> {report.path}"
-                  + (f"; {bad} quarantined ({report.quarantined}) in {report.quarantine_file}" if bad else ""))
+                  + (f"; {bad} quarantined {report.quarantined} in {report.quarantine_file}" if bad else ""))
 
 
 @app.command()
 def update(
     as_of: Annotated[str | None, typer.Option(
-        "--as-of", help="Add catalogue titles released up to this date YYYY-MM-DD (default: day after cutoff).",
+        "--as-of", help="Add catalogue titles released up to this date, YYYY-MM-DD (default: the cutoff's).",
     )] = None,
     conf: ConfOption = None,
     set_: SetOption = None,

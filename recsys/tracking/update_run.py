@@ -43,8 +43,9 @@ def _run(store: TrackingStore, config: Config, checkpoint_dir: Path, tags: dict[
     if runs:
         mlflow.start_run(run_id=runs[0].info.run_id, log_system_metrics=False)
         return runs[0].info.run_id
-    run = mlflow.start_run(experiment_id=store.experiment_id, run_name=f"{config.update.run_name}-{tags['v']}",
-                           log_system_metrics=False, tags={k: v for k, v in tags.items() if k != "v"})
+    run = mlflow.start_run(experiment_id=store.experiment_id,
+                           run_name=f"{config.update.run_name}-v{tags['v']}", log_system_metrics=False,
+                           tags={k: v for k, v in tags.items() if k != "v"})
     mlflow.log_params(flatten_config(config), run_id=run.info.run_id)
     return run.info.run_id
 
@@ -89,7 +90,7 @@ def tracked_update(config: Config, as_of: date | None = None) -> dict[str, Any]:
     cutoff = split_cutoff(split_dir, read_update_sequences(split_dir))
     label = f"version {parent.version}"
     checkpoint_dir = update_checkpoint_dir(config, label, cutoff).resolve()
-    if (done := _registered(store, checkpoint_dir)) is not None:  # this update already finished: no new version
+    if (done := _registered(store, checkpoint_dir)) is not None:  # already finished: no second version
         logger.info("update of %s already registered as version %s", label, done["model_version"])
         return done
     with checkpoint_dir_lock(checkpoint_dir):

@@ -105,7 +105,8 @@ def grow_vocab(parent: Vocab, new_ids: pl.Series, counts: np.ndarray | None = No
     })
     frame = pl.concat([parent.frame.select(ITEM_ID, IDX, COUNT), added])
     if counts is not None:
-        frame = frame.with_columns((pl.col(COUNT) + pl.Series(np.asarray(counts, dtype=np.int64))).alias(COUNT))
+        added_counts = pl.Series(np.asarray(counts, dtype=np.int64))
+        frame = frame.with_columns((pl.col(COUNT) + added_counts).alias(COUNT))
     return Vocab(frame)
 
 
@@ -142,8 +143,10 @@ def _popularity_neighbours(known_counts: np.ndarray, new_counts: np.ndarray, k: 
     return order[start[:, None] + np.arange(k)[None, :]]  # [n_new, k]
 
 
-def init_new_rows(state: dict[str, torch.Tensor], parent_vocab: Vocab, vocab: Vocab, window_counts: np.ndarray,
-                  catalogue: pl.DataFrame | None, neighbours: int) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+def init_new_rows(
+    state: dict[str, torch.Tensor], parent_vocab: Vocab, vocab: Vocab, window_counts: np.ndarray,
+    catalogue: pl.DataFrame | None, neighbours: int,
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """A state dict for ``vocab`` (a grown ``parent_vocab``): old rows copied, new rows initialised.
 
     ``window_counts`` [len(vocab)]: events of every item in the new window. Returns the state and the
@@ -160,7 +163,8 @@ def init_new_rows(state: dict[str, torch.Tensor], parent_vocab: Vocab, vocab: Vo
     if catalogue is not None and n_new:
         cat = catalogue.with_columns(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False))
         known = parent_vocab.frame.select(ITEM_ID, IDX).join(cat, on=ITEM_ID, how="inner")
-        new = vocab.frame.slice(n_old).select(ITEM_ID).join(cat, on=ITEM_ID, how="left", maintain_order="left")
+        new = vocab.frame.slice(n_old).select(ITEM_ID).join(cat, on=ITEM_ID, how="left",
+                                                             maintain_order="left")
         # genre + kind first, then series over it: the more specific group wins
         for name, keys in (("genre", ["genre", "kind"]), ("series", ["series_id"])):
             has, rows = _group_mean_rows(tables, known, new, keys)
@@ -170,7 +174,7 @@ def init_new_rows(state: dict[str, torch.Tensor], parent_vocab: Vocab, vocab: Vo
                     new_rows[t][mask] = rows[t][mask]
                 source[has] = INIT_SOURCES.index(name)
     out = dict(state)
-    for name, table in tables.items():
+    for name in tables:
         out[name] = torch.cat([state[name], new_rows[name].to(state[name].dtype)])  # [n_old + n_new, D]
     out["item_bias"] = torch.cat([state["item_bias"], new_bias.to(state["item_bias"].dtype)])  # [n]
     return out, source
@@ -213,7 +217,7 @@ def select_update_data(frame: pl.DataFrame, window_start: datetime, replay_fract
     n_before = pl.col(ITEM_TS).list.eval(pl.element() < window_start).list.sum().cast(pl.Int64)
     new = (frame.filter(in_window)
            .with_columns(_skip=(n_before - context_events).clip(lower_bound=0))
-           .with_columns(pl.col(ITEMS).list.slice(pl.col("_skip")), pl.col(ITEM_TS).list.slice(pl.col("_skip")))
+           .with_columns(pl.col(ITEMS, ITEM_TS).list.slice(pl.col("_skip")))
            .drop("_skip")
            .filter(pl.col(ITEMS).list.len() >= 2))
     old = frame.filter(~in_window)
@@ -251,7 +255,8 @@ def released_items(catalogue: pl.DataFrame | None, start: date, until: date) -> 
 
 def _grown_model(parent: Checkpoint, vocab: Vocab, window_counts: np.ndarray, catalogue: pl.DataFrame | None,
                  neighbours: int) -> tuple[GRU4Rec, dict[str, int]]:
-    state, source = init_new_rows(parent.model_state, parent.vocab, vocab, window_counts, catalogue, neighbours)
+    state, source = init_new_rows(parent.model_state, parent.vocab, vocab, window_counts, catalogue,
+                                  neighbours)
     model = GRU4Rec(len(vocab), parent.config.model)
     model.load_state_dict(state)
     sources = {name: int((source == i).sum()) for i, name in enumerate(INIT_SOURCES)}
@@ -312,10 +317,11 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
 
     # the sampler draws negatives from what the pass trains on (new items included), never from zero counts
     sample_counts = np.bincount(seqs.items, minlength=len(vocab)) + 1
-    trainer = SessionParallelTrainer(model, train_cfg, sample_counts, device, mask_seen=resolve_mask_seen(config))
-    lineage = {"parent": parent_label, "events_up_to": cutoff.isoformat(), "n_parent_items": len(parent.vocab),
-               "n_items": len(vocab), "init_sources": sources, "new_sequences": new.height,
-               "replay_sequences": replay.height}
+    trainer = SessionParallelTrainer(model, train_cfg, sample_counts, device,
+                                     mask_seen=resolve_mask_seen(config))
+    lineage = {"parent": parent_label, "events_up_to": cutoff.isoformat(),
+               "n_parent_items": len(parent.vocab), "n_items": len(vocab), "init_sources": sources,
+               "new_sequences": new.height, "replay_sequences": replay.height}
     saved_config = config.model_copy(update={"model": parent.config.model})
     history: list[dict[str, Any]] = []
     first_epoch, resumed = 1, False
@@ -331,15 +337,18 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
         log.info("resuming update %s after epoch %d", checkpoint_dir, ckpt.epoch)
     for epoch in range(first_epoch, ucfg.epochs + 1):
         loss, n_events, seconds = run_epoch(trainer, seqs, train_cfg, epoch, device)
-        history.append({"epoch": epoch, "train_loss": loss, "events_per_second": n_events / max(seconds, 1e-9),
-                        "epoch_seconds": seconds})
-        log.info("update epoch %d/%d: loss %.4f, %d events in %.1f s", epoch, ucfg.epochs, loss, n_events, seconds)
-        save_checkpoint(last_path, model=model, optimizer=trainer, config=saved_config, vocab=vocab, epoch=epoch,
+        history.append({"epoch": epoch, "train_loss": loss, "epoch_seconds": seconds,
+                        "events_per_second": n_events / max(seconds, 1e-9)})
+        log.info("update epoch %d/%d: loss %.4f, %d events in %.1f s", epoch, ucfg.epochs, loss, n_events,
+                 seconds)
+        save_checkpoint(last_path, model=model, optimizer=trainer, config=saved_config, vocab=vocab,
+                        epoch=epoch,
                         metrics={"train_loss": loss},
                         extra={"rng": rng_state(device), "history": history, "parent": parent_label})
     seconds = time.perf_counter() - t0
     lineage.update(history=history, seconds=round(seconds, 3))
-    save_checkpoint(out_path, model=model, optimizer=None, config=saved_config, vocab=vocab, epoch=ucfg.epochs,
+    save_checkpoint(out_path, model=model, optimizer=None, config=saved_config, vocab=vocab,
+                    epoch=ucfg.epochs,
                     metrics={"train_loss": history[-1]["train_loss"] if history else float("nan")},
                     extra={LINEAGE_KEY: lineage, "history": history})
     return UpdateResult(checkpoint=out_path, resumed=resumed, **lineage)
