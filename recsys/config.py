@@ -265,7 +265,7 @@ class UpdateConfig(Section):
     replay_fraction: float = Field(0.3, ge=0, lt=1)  # share of the pass drawn from older training sequences
     context_events: int = Field(20, ge=0)  # earlier events kept before the new window (whole-user sequences)
     epochs: int = Field(2, ge=1)  # warm-started passes over new + replay data
-    lr_scale: float = Field(0.5, gt=0)  # learning rate = train.learning_rate * lr_scale (fresh optimiser)
+    lr_scale: float = Field(1.0, gt=0)  # learning rate = train.learning_rate * lr_scale (fresh optimiser)
     neighbours: int = Field(20, ge=1)  # known items of nearest recent popularity used to initialise a new one
     use_catalogue: bool = True  # add released catalogue items even before their first event
     run_name: str = "update"  # checkpoints go to paths.checkpoints_dir / run_name / <parent>-<cutoff>

@@ -9,9 +9,10 @@ on Monday waits up to a week for its first recommendation. The update keeps the 
    exports and histories never remap;
 2. **initialises the new rows** from what is known: the mean row (``item_out``, and ``item_in`` when the
    model has one) of the parent's items of the same series, else of the same genre and kind, else of the
-   ``update.neighbours`` known items whose popularity in the new window is nearest; the bias is always the
-   mean bias of those popularity neighbours (a new item with 20 plays in the window starts with the bias
-   of known items that had about 20 plays in the same window);
+   ``update.neighbours`` known items whose popularity in the new window is nearest. The bias of a new
+   episode is its series' mean bias (one audience); any other new item gets the mean bias of those
+   popularity neighbours (a film with 20 plays in the window starts like the known items that had about
+   20 plays in the same window);
 3. **trains a short warm-started pass** (``update.epochs``, learning rate ``train.learning_rate *
    update.lr_scale``, a fresh optimiser) over the sequences that end in the last ``update.new_days`` days
    before the cutoff plus a random replay of older ones (``update.replay_fraction`` of the pass), so the
@@ -118,13 +119,13 @@ def _group_mean_rows(tables: dict[str, torch.Tensor], known: pl.DataFrame, new: 
         return np.zeros(new.height, dtype=bool), {}
     groups = known.select(keys).unique(maintain_order=True).with_row_index("_g")
     known_g = known.join(groups, on=keys, how="left", maintain_order="left")
-    g = torch.from_numpy(known_g["_g"].cast(pl.Int64).to_numpy())  # [k]
-    idx = torch.from_numpy(known_g[IDX].cast(pl.Int64).to_numpy())  # [k]
+    g = torch.tensor(known_g["_g"].cast(pl.Int64).to_numpy())  # [k]
+    idx = torch.tensor(known_g[IDX].cast(pl.Int64).to_numpy())  # [k]
     n_groups = groups.height
     sizes = torch.bincount(g, minlength=n_groups).clamp(min=1).unsqueeze(1)  # [G, 1]
     new_g = new.join(groups, on=keys, how="left", maintain_order="left")["_g"]
     has = new_g.is_not_null().to_numpy()
-    pick = torch.from_numpy(new_g.fill_null(0).cast(pl.Int64).to_numpy())  # [n_new]
+    pick = torch.tensor(new_g.fill_null(0).cast(pl.Int64).to_numpy())  # [n_new]
     rows = {}
     for name, table in tables.items():
         sums = torch.zeros(n_groups, table.shape[1], dtype=table.dtype).index_add_(0, g, table[idx])  # [G, D]
@@ -166,12 +167,15 @@ def init_new_rows(
         new = vocab.frame.slice(n_old).select(ITEM_ID).join(cat, on=ITEM_ID, how="left",
                                                              maintain_order="left")
         # genre + kind first, then series over it: the more specific group wins
+        with_bias = {**tables, "item_bias": bias[:, None]}  # [n_old, 1]: averaged like a row
         for name, keys in (("genre", ["genre", "kind"]), ("series", ["series_id"])):
-            has, rows = _group_mean_rows(tables, known, new, keys)
+            has, rows = _group_mean_rows(with_bias, known, new, keys)
             if has.any():
                 mask = torch.from_numpy(has)
                 for t in new_rows:
                     new_rows[t][mask] = rows[t][mask]
+                if name == "series":  # episodes of one series share their audience: and its popularity
+                    new_bias[mask] = rows["item_bias"][mask, 0]
                 source[has] = INIT_SOURCES.index(name)
     out = dict(state)
     for name in tables:
