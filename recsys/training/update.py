@@ -14,9 +14,10 @@ on Monday waits up to a week for its first recommendation. The update keeps the 
    popularity neighbours (a film with 20 plays in the window starts like the known items that had about
    20 plays in the same window);
 3. **trains a short warm-started pass** (``update.epochs``, learning rate ``train.learning_rate *
-   update.lr_scale``, a fresh optimiser) over the sequences that end in the last ``update.new_days`` days
-   before the cutoff plus a random replay of older ones (``update.replay_fraction`` of the pass), so the
-   model learns the new items without forgetting the rest.
+   update.lr_scale``, a fresh optimiser) over the sequences that end in the new window plus a random
+   replay of older ones (``update.replay_fraction`` of the pass), so the model learns the new items
+   without forgetting the rest. The new window is the last ``update.new_days`` days before the cutoff,
+   or less when the parent is itself an update: then only the events after the parent's cutoff.
 
 It never trains on the test window: the promotion gate compares parent and update on it. A checkpoint
 after every epoch (``last.pt``) lets a killed update resume; the result is ``updated.pt`` in its own
@@ -184,6 +185,22 @@ def init_new_rows(
     return out, source
 
 
+def blend_with_parent(tuned: dict[str, torch.Tensor], parent: dict[str, torch.Tensor],
+                      weight: float) -> dict[str, torch.Tensor]:
+    """Weight-space average of every parameter the parent has (its rows only): ``weight * parent +
+    (1 - weight) * tuned``; the new items' rows stay as tuned. Keeps old items close to the parent."""
+    out = dict(tuned)
+    for key, old in parent.items():
+        new = tuned[key]
+        old = old.to(new.device, new.dtype)
+        if key in (*ROW_TABLES, "item_bias"):  # [n_items, ...]: the parent has the first n_old rows
+            n = old.shape[0]
+            out[key] = torch.cat([weight * old + (1 - weight) * new[:n], new[n:]])
+        else:
+            out[key] = weight * old + (1 - weight) * new
+    return out
+
+
 # --- the update's training data ---------------------------------------------------------------------
 
 
@@ -297,6 +314,8 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
     device = resolve_device(config.train.device, "train.device")
     parent = load_checkpoint(parent_checkpoint)
     window_start = cutoff - timedelta(days=ucfg.new_days)
+    if parent_cut := (parent.extra.get(LINEAGE_KEY) or {}).get("events_up_to"):  # chained daily updates:
+        window_start = max(window_start, datetime.fromisoformat(parent_cut))  # only what the parent missed
     new, replay = select_update_data(frame, window_start, ucfg.replay_fraction, ucfg.context_events,
                                      config.train.seed)
     candidates = [frame[ITEMS].explode()]
@@ -349,6 +368,8 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
                         epoch=epoch,
                         metrics={"train_loss": loss},
                         extra={"rng": rng_state(device), "history": history, "parent": parent_label})
+    if ucfg.parent_weight > 0:
+        model.load_state_dict(blend_with_parent(model.state_dict(), parent.model_state, ucfg.parent_weight))
     seconds = time.perf_counter() - t0
     lineage.update(history=history, seconds=round(seconds, 3))
     save_checkpoint(out_path, model=model, optimizer=None, config=saved_config, vocab=vocab,
