@@ -287,3 +287,15 @@ def _args(root: Path) -> list[str]:
             "evaluate.knn_neighbours=20",
             f"tracking.tracking_uri=sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}",
             "tracking.retries=1", "tracking.retry_backoff_seconds=0.05"]
+
+
+def test_parent_weight_averages_shared_weights_and_keeps_new_rows_as_tuned():
+    from recsys.training.update import blend_with_parent
+
+    parent = {"item_out": torch.zeros(3, 2), "item_bias": torch.zeros(3), "layers.0.w_hh": torch.zeros(2, 2)}
+    tuned = {"item_out": torch.ones(5, 2), "item_bias": torch.ones(5), "layers.0.w_hh": torch.ones(2, 2)}
+    out = blend_with_parent(tuned, parent, 0.25)
+    assert torch.equal(out["item_out"][:3], torch.full((3, 2), 0.75))  # old rows: 0.25 parent + 0.75 tuned
+    assert torch.equal(out["item_out"][3:], torch.ones(2, 2))  # new rows: as tuned
+    assert torch.equal(out["item_bias"], torch.tensor([0.75, 0.75, 0.75, 1.0, 1.0]))
+    assert torch.equal(out["layers.0.w_hh"], torch.full((2, 2), 0.75))
