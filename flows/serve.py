@@ -20,6 +20,7 @@ from flows.pipeline import pipeline_flow
 from flows.promote import promote_flow
 from flows.score import score_flow
 from flows.train import train_flow
+from flows.update import update_flow
 from recsys.config import Config
 
 
@@ -31,6 +32,14 @@ def build_deployments(config: Config, overrides: list[str] | None = None) -> lis
         ingest_flow.to_deployment(
             name="ingest-daily", schedules=[Cron(orch.ingest_cron, timezone=orch.timezone)],
             parameters=params, tags=["recsys", "daily"],
+        ),
+        # daily: ingest (02:00) -> update + promote (03:00, not on the training day) -> score (04:00)
+        update_flow.to_deployment(
+            name="update-daily", schedules=[Cron(orch.update_cron, timezone=orch.timezone)],
+            parameters={**params, "promote": True}, tags=["recsys", "daily"],
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=orch.train_concurrency, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+            ),
         ),
         score_flow.to_deployment(
             name="score-daily", schedules=[Cron(orch.score_cron, timezone=orch.timezone)],

@@ -82,6 +82,11 @@ class PathsConfig(Section):
     def exports_dir(self) -> Path:
         return self._under("exports")
 
+    @property
+    def catalogue_file(self) -> Path:
+        """The ingested item table (recsys.data.catalogue); optional everywhere."""
+        return self._under("catalogue") / "catalogue.parquet"
+
 
 class GenerateConfig(Section):
     n_events: int = Field(300_000, ge=1_000)
@@ -286,10 +291,25 @@ class ScoreConfig(Section):
     write_wide: bool = False
 
 
+class UpdateConfig(Section):
+    parent: str = "champion"  # alias (or version number) of the registered model that is updated
+    new_days: float = Field(7.0, gt=0)  # sequences ending in the last N days before the cutoff are new data
+    replay_fraction: float = Field(0.3, ge=0, lt=1)  # share of the pass drawn from older training sequences
+    context_events: int = Field(20, ge=0)  # earlier events kept before the new window (whole-user sequences)
+    epochs: int = Field(2, ge=1)  # warm-started passes over new + replay data
+    lr_scale: float = Field(1.0, gt=0)  # learning rate = train.learning_rate * lr_scale (fresh optimiser)
+    # weight of the parent in the final shared weights (old rows, recurrent layers): against forgetting
+    parent_weight: float = Field(0.5, ge=0, lt=1)
+    neighbours: int = Field(20, ge=1)  # known items of nearest recent popularity used to initialise a new one
+    use_catalogue: bool = True  # add released catalogue items even before their first event
+    run_name: str = "update"  # checkpoints go to paths.checkpoints_dir / run_name / <parent>-<cutoff>
+
+
 class OrchestrateConfig(Section):
     ingest_cron: str = "0 2 * * *"
     score_cron: str = "0 4 * * *"
     train_cron: str = "0 3 * * 0"
+    update_cron: str = "0 3 * * 1-6"  # daily incremental update + promotion (not on the weekly training day)
     timezone: str = "UTC"
     train_concurrency: int = Field(1, ge=1)
     server_port: int = Field(4200, ge=1, le=65535)  # `recsys serve`'s local Prefect server (127.0.0.1)
@@ -310,6 +330,7 @@ class Config(Section):
     promote: PromoteConfig = PromoteConfig()
     tune: TuneConfig = TuneConfig()
     score: ScoreConfig = ScoreConfig()
+    update: UpdateConfig = UpdateConfig()
     orchestrate: OrchestrateConfig = OrchestrateConfig()
 
 

@@ -9,7 +9,10 @@ so live in ``flows.cli``, which the ``recsys`` console script runs.
 from recsys.cli.common import app
 from recsys.cli import data_commands
 from recsys.cli import training_commands
+from recsys.cli import update_commands
 from recsys.cli import tracking_commands
 from recsys.cli import serving_commands
 
-__all__ = ["app", "data_commands", "serving_commands", "tracking_commands", "training_commands"]
+__all__ = [
+    "app", "data_commands", "serving_commands", "tracking_commands", "training_commands", "update_commands",
+]

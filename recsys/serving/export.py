@@ -76,6 +76,7 @@ CSV_FILE = "recs.csv"
 # OWASP CSV-injection rule: a cell a spreadsheet would read as a formula gets a leading quote.
 FORMULA_START = r"^[=+\-@\t\r]"
 LONG_COLUMNS = [USER_ID, RANK, ITEM_ID, SCORE, SOURCE, MODEL_NAME, MODEL_VERSION, RUN_DATE]
+TITLE = "title"  # optional last column: the catalogue title of item_id (recsys.data.catalogue)
 SOURCES = ("model", "popular")
 
 
@@ -259,7 +260,8 @@ def read_recs(exports_dir: Path, run_date: date | None = None) -> pl.LazyFrame:
     if not parts:
         raise FileNotFoundError(f"no complete export under {Path(exports_dir) / RECS_DATASET}"
                                 + (f" for run_date={run_date}" if run_date else ""))
-    return pl.scan_parquet([p / DATA_FILE for p in parts])
+    # partitions written with and without the optional title column read as one frame (null titles)
+    return pl.concat([pl.scan_parquet(p / DATA_FILE) for p in parts], how="diagonal_relaxed")
 
 
 # --- snapshot hash ---------------------------------------------------------------------------------
@@ -404,6 +406,14 @@ def _retire(exports_dir: Path, dataset: str, run_date: date) -> None:
 # --- publish ---------------------------------------------------------------------------------------
 
 
+def with_titles(recs: pl.DataFrame, titles: pl.DataFrame) -> pl.DataFrame:
+    """``recs`` plus the optional ``title`` column, row order kept; ids cast to the recs' id type."""
+    table = (titles.select(pl.col(ITEM_ID).cast(recs[ITEM_ID].dtype, strict=False),
+                           pl.col(TITLE).cast(pl.String))
+             .drop_nulls(ITEM_ID).unique(ITEM_ID, keep="first"))
+    return recs.join(table, on=ITEM_ID, how="left", maintain_order="left")
+
+
 def wide_frame(recs: pl.DataFrame) -> pl.DataFrame:
     """One row per user: items and scores as lists in rank order."""
     return (
@@ -412,6 +422,7 @@ def wide_frame(recs: pl.DataFrame) -> pl.DataFrame:
         .agg(
             pl.col(ITEM_ID).alias("item_ids"),
             pl.col(SCORE).alias("scores"),
+            *([pl.col(TITLE).alias("titles")] if TITLE in recs.columns else []),
             pl.col(SOURCE).first(),
             pl.col(MODEL_NAME).first(),
             pl.col(MODEL_VERSION).first(),
@@ -473,12 +484,14 @@ def _publish_recs(
     write_csv: bool = False,
     write_wide: bool = False,
     exchange: bool = True,
+    titles: pl.DataFrame | None = None,
 ) -> PublishResult:
     """Validate ``recs`` (long format), then publish it atomically for ``run_date``.
 
     Raises ExportValidationError (and writes nothing) when a check fails. ``manifest`` is stored as
     ``_manifest.json`` with ``rows``, ``files`` and ``created_at`` added. ``exchange=False`` forces the
-    portable two-rename replacement (used by tests).
+    portable two-rename replacement (used by tests). ``titles`` (``item_id, title``, e.g.
+    ``recsys.data.catalogue.titles_frame``) adds the optional ``title`` column (null where unknown).
     """
     t0 = time.perf_counter()
     errors = validate_recs(recs, checks)
@@ -490,6 +503,8 @@ def _publish_recs(
     timings = {"validate_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
     recs = recs.select(LONG_COLUMNS)  # already (user_id, rank) ordered by the scorer
+    if titles is not None:
+        recs = with_titles(recs, titles)
     base = {**manifest, "rows": recs.height, "run_date": run_date.isoformat(),
             "timings": {**manifest.get("timings", {}), "validate_s": round(timings["validate_s"], 4)}}
     datasets = [RECS_DATASET]

@@ -445,7 +445,7 @@ def _score_users(
     )
     result = publish_recs(
         recs, exports_dir=out_dir, run_date=run_date, manifest=manifest, checks=checks,
-        write_csv=sc.write_csv, write_wide=sc.write_wide,
+        write_csv=sc.write_csv, write_wide=sc.write_wide, titles=catalogue_titles(config),
     )
     manifest["timings"].update({k: round(v, 4) for k, v in result.timings.items()})
     manifest["timings"]["total_s"] = round(time.perf_counter() - t_start, 4)
@@ -456,6 +456,13 @@ def _score_users(
     manifest["rows"] = recs.height
     log.info("scored %d users (%d popular) -> %s", n_users, counts["users_popular"], result.path)
     return manifest
+
+
+def catalogue_titles(config: Config) -> pl.DataFrame | None:
+    """``(item_id, title)`` of the ingested catalogue, for the exports' optional title column."""
+    from recsys.data.catalogue import load_catalogue, titles_frame
+
+    return titles_frame(load_catalogue(config))
 
 
 def assemble(

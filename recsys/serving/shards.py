@@ -22,6 +22,7 @@ from typing import Any
 import polars as pl
 
 from recsys.config import Config
+from recsys.data.catalogue import load_catalogue, titles_frame
 from recsys.schemas import ITEM_ID, RANK, TS, USER_ID
 from recsys.serving.export import (
     DATA_FILE,
@@ -154,6 +155,7 @@ def publish_shards(
     result = publish_recs(
         recs.sort(USER_ID, RANK, maintain_order=True), exports_dir=config.paths.exports_dir,
         run_date=run_date, manifest=manifest, checks=checks, write_csv=sc.write_csv, write_wide=sc.write_wide,
+        titles=titles_frame(load_catalogue(config)),
     )
     shutil.rmtree(shards_root(config, run_date), ignore_errors=True)
     log.info("merged %d shards: %d rows -> %s", len(ordered), recs.height, result.path)

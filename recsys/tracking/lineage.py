@@ -133,3 +133,20 @@ def lineage_tags(split_dir: Path, events_dir: Path | None = None, seed: int | No
     if seed is not None:
         tags["seed"] = str(seed)
     return tags
+
+
+UPDATED_FROM_TAG = "lineage.updated_from"  # registered-version and run tag of an incremental update
+
+
+def update_lineage_tags(parent_version: str, events_up_to: str, n_new_items: int) -> dict[str, str]:
+    """Tags of a daily update (recsys.training.update): which version it grew from and on which data.
+
+    ``lineage.updated_from`` reads "updated from version N with events up to T", so the registry says at
+    a glance that a version is an update and not a full training.
+    """
+    return {
+        UPDATED_FROM_TAG: f"updated from version {parent_version} with events up to {events_up_to}",
+        "lineage.parent_version": str(parent_version),
+        "lineage.events_up_to": events_up_to,
+        "lineage.new_items": str(n_new_items),
+    }

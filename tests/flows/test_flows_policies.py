@@ -72,10 +72,12 @@ def test_served_deployments_carry_the_config_schedules():
 
     config = load_config(None, ["orchestrate.train_concurrency=2"])
     deployments = {d.name: d for d in build_deployments(config, ["train.epochs=2"])}
-    assert set(deployments) == {"ingest-daily", "score-daily", "train-weekly", "promote", "pipeline"}
+    assert set(deployments) == {"ingest-daily", "update-daily", "score-daily", "train-weekly", "promote",
+                                "pipeline"}
     crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
     assert crons["ingest-daily"] == [config.orchestrate.ingest_cron]
     assert crons["score-daily"] == [config.orchestrate.score_cron]
     assert crons["train-weekly"] == [config.orchestrate.train_cron]
+    assert crons["update-daily"] == [config.orchestrate.update_cron]
     assert deployments["train-weekly"].concurrency_limit == 2
     assert deployments["train-weekly"].parameters["overrides"] == ["train.epochs=2"]

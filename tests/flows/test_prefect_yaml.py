@@ -31,7 +31,7 @@ def test_every_entrypoint_is_a_flow():
 def test_every_schedule_parses_and_matches_the_config():
     orch = load_config(ROOT / "conf").orchestrate
     expected = {"ingest-daily": orch.ingest_cron, "score-daily": orch.score_cron,
-                "train-weekly": orch.train_cron}
+                "train-weekly": orch.train_cron, "update-daily": orch.update_cron}
     seen = {}
     for deployment in SPEC["deployments"]:
         for schedule in deployment.get("schedules") or []:
