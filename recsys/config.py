@@ -272,6 +272,7 @@ class MonitoringConfig(Section):
     enabled: bool = True
     block_on_fail: bool = True  # a failing export is not published (the previous run date stays latest)
     report_runs: int = Field(30, ge=1)  # run dates shown in the export report
+    min_users: int = Field(50, ge=1)  # fewer users scored: the shares say nothing, limits are not applied
     # monitored number (see recsys.serving.monitoring.MONITORED) -> its bounds
     limits: dict[str, Limit] = {
         "coverage": Limit(warn_below=0.05),
