@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.config import MonitoringConfig
+from recsys.config import Config, MonitoringConfig
 from recsys.serving.export import partition_dir
 from recsys.serving.monitoring import FAIL, WARN, load_series, series_dir
 from recsys.tracking.report_html import figure_img, pyplot, table, write_page
@@ -115,3 +115,28 @@ def write_export_report(exports_dir: Path, run_date: date, config: MonitoringCon
     ]
     return write_page(report_path(exports_dir, run_date), f"Export report — {current['run_date']}",
                       sections)
+
+
+def log_export_report(config: Config, run_date: date, report: Path, monitoring: dict[str, Any]) -> str:
+    """Record the export's monitoring in MLflow: a ``score`` run with the numbers and the HTML report.
+
+    Returns the run id. The tracking store is optional for scoring, so callers treat a failure as a
+    warning (the report stays on disk).
+    """
+    import mlflow
+
+    from recsys.tracking.store import connect, with_retries
+
+    store = connect(config)
+    numbers = {k: float(v) for k, v in (monitoring.get("metrics") or {}).items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    def log() -> str:
+        with mlflow.start_run(experiment_id=store.experiment_id, run_name=f"score-{run_date.isoformat()}",
+                              tags={"recsys.kind": "score", "run_date": run_date.isoformat(),
+                                    "monitoring.status": str(monitoring.get("status"))}) as run:
+            mlflow.log_metrics({f"monitoring.{k}": v for k, v in numbers.items()})
+            mlflow.log_artifact(str(report), "report")
+            return run.info.run_id
+
+    return with_retries(log, config, "logging the export report", store.uri)
