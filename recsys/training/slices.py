@@ -19,6 +19,7 @@ what the paired bootstrap of :mod:`recsys.training.significance` needs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import polars as pl
 from recsys.data.sequences import load_sequences
 from recsys.data.vocab import Vocab
 from recsys.schemas import ITEM_ID, ITEMS, N_CONTEXT, TRAIN_FILE, USER_ID, VOCAB_FILE
-from recsys.training.significance import ALL, Interval, bootstrap_means
+from recsys.training.significance import ALL, Interval, bootstrap_columns, bootstrap_means
 
 if TYPE_CHECKING:
     from recsys.config import Config
@@ -176,22 +177,26 @@ def per_target(ranks: np.ndarray, metric: str, k: int = SLICE_K) -> np.ndarray:
     raise ValueError(f"unknown per-target metric {metric!r} (known: {', '.join(SLICE_METRICS)})")
 
 
-def slice_report(
+def slice_reports(
     table: TargetTable,
-    ranks: np.ndarray,
+    ranks: Mapping[str, np.ndarray],
     *,
     k: int = SLICE_K,
     confidence: float = 0.95,
     n_resamples: int = 1000,
     seed: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """``{slice: {"n", "recall@20", "mrr@20", "ndcg@20", "<metric>@20_low/_high"}}``, ``all`` first."""
-    out: dict[str, dict[str, Any]] = {}
-    for metric in SLICE_METRICS:
-        intervals = bootstrap_means(per_target(ranks, metric, k), table.slices, confidence=confidence,
-                                    n_resamples=n_resamples, seed=seed)
-        for name, iv in intervals.items():
-            row = out.setdefault(name, {"n": iv.n})
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per model ``{slice: {"n", "recall@20", "mrr@20", "ndcg@20", "<metric>@20_low/_high"}}``, ``all``
+    first; one bootstrap for every model and metric (ranks over targets, see ranks_over_targets)."""
+    columns = {(model, metric): per_target(r, metric, k)
+               for model, r in ranks.items() for metric in SLICE_METRICS}
+    keys = list(columns)
+    intervals = bootstrap_columns({str(i): columns[key] for i, key in enumerate(keys)}, table.slices,
+                                  confidence=confidence, n_resamples=n_resamples, seed=seed)
+    out: dict[str, dict[str, dict[str, Any]]] = {model: {} for model in ranks}
+    for i, (model, metric) in enumerate(keys):
+        for name, iv in intervals[str(i)].items():
+            row = out[model].setdefault(name, {"n": iv.n})
             key = f"{metric}@{k}"
             row[key], row[f"{key}_low"], row[f"{key}_high"] = iv.mean, iv.low, iv.high
     return out
@@ -226,11 +231,12 @@ def slices_of_models(
     "confidence": c}`` (plain data: JSON, MLflow, reports).
     """
     cfg = config.evaluate.slices
+    t0 = time.perf_counter()
     table = target_table(config, split_dir, split_file)
-    models = {
-        name: slice_report(table, ranks_over_targets(table, vocab, r), confidence=cfg.confidence,
-                           n_resamples=cfg.n_resamples, seed=cfg.seed)
-        for name, r in ranks.items()
-    }
+    over_targets = {name: ranks_over_targets(table, vocab, r) for name, r in ranks.items()}
+    models = slice_reports(table, over_targets, confidence=cfg.confidence, n_resamples=cfg.n_resamples,
+                           seed=cfg.seed)
+    log.info("slices of %d model(s) over %d targets, %d slices, %d resamples: %.1f s", len(models),
+             table.n_targets, len(table.slices), cfg.n_resamples, time.perf_counter() - t0)
     return {"models": models, "slices": [ALL, *table.slices], "n_targets": table.n_targets, "k": SLICE_K,
             "confidence": cfg.confidence}

@@ -55,3 +55,19 @@ def test_reports_render_with_their_images_in_chromium(pipeline_run, which, tmp_p
     assert images == decoded == (3 if which == "training" else 2)
     shot = screenshot(report, Path(os.environ.get("RECSYS_SCREENSHOT_DIR", tmp_path)) / f"{which}.png")
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+
+
+def test_a_failing_export_fails_the_flow_unpublished_but_reported(pipeline_run, ov, flow_root):
+    from datetime import date, timedelta
+
+    from flows.score import score_flow
+    from recsys.serving.monitoring import ExportMonitoringError
+
+    day = date.fromisoformat(pipeline_run["run_date"]) + timedelta(days=1)
+    strict = [*ov, "score.monitoring.limits={coverage: {fail_below: 1.01}}"]  # no export can pass this
+    with pytest.raises(ExportMonitoringError, match="coverage"):
+        score_flow(run_date=day, overrides=strict)
+    assert not (flow_root / "exports" / "recs" / f"run_date={day}").exists()
+    art = Artifact.get("export-monitoring")
+    assert f"Export monitoring {day}: **FAIL**" in art.data
+    assert (flow_root / "exports" / "monitoring" / f"report-{day}.html").is_file()
