@@ -185,6 +185,7 @@ def measure(
     history_events = int(counts.get("history_events") or 0) + int(counts.get("unknown_item_events") or 0)
     metrics: dict[str, float | None] = {
         "users_scored": float(users),
+        "users_model": float(model_recs[USER_ID].n_unique()),
         "coverage": float(recs[ITEM_ID].n_unique() / n_catalogue),
         "gini": gini(exposure),
         "identical_list_share": identical,
@@ -278,6 +279,8 @@ def monitor_export(
     if previous is not None and previous[ITEM_ID].dtype != recs[ITEM_ID].dtype:
         previous = previous.with_columns(pl.col(ITEM_ID).cast(recs[ITEM_ID].dtype, strict=False))
     metrics, distributions = measure(recs, catalogue=catalogue, counts=counts, previous=previous)
+    if (metrics.get("users_model") or 0) < config.min_users:  # shares of a handful of lists mean nothing
+        metrics["identical_list_share"] = metrics["top_item_user_share"] = None
     findings = evaluate_limits(metrics, dict(config.limits))
     if (metrics.get("users_scored") or 0) < config.min_users:  # a handful of users: shares mean nothing
         log.info("monitoring %s: %s users scored (< min_users %d), limits not applied", run_date,

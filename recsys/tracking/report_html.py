@@ -40,7 +40,9 @@ def fmt_number(value: Any, digits: int = 4) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+        if abs(value) >= 100:  # counts and popularity: whole numbers as such
+            return f"{int(value):,}" if value.is_integer() else f"{value:,.1f}"
+        return f"{value:.{digits}f}"
     return str(value)
 
 
@@ -51,7 +53,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], css: Sequence[st
     for i, row in enumerate(rows):
         cls = f' class="{esc(css[i])}"' if css is not None and css[i] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{esc(fmt_number(c))}</td>" for c in row) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    head_row = f"<tr>{head}</tr>" if any(header) else ""  # a key/value table needs no header
+    return f"<table>{head_row}{''.join(body)}</table>"
 
 
 def figure_img(fig: Any, alt: str) -> str:

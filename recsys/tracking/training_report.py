@@ -83,7 +83,7 @@ def _epochs_section(history: Sequence[Mapping[str, Any]], workdir: Path) -> str:
     keys = [k for k in ("epoch", "train_loss", "valid_recall_20", "valid_mrr_20", "epoch_seconds",
                         "events_per_second") if any(k in r for r in rows)]
     return ("<h2>Per-epoch curves</h2>" + png_img(png, "train loss and validation metrics per epoch")
-            + table(keys, [[r.get(k) for k in keys] for r in rows]))
+            + table(keys, [[int(r[k]) if k == "epoch" and k in r else r.get(k) for k in keys] for r in rows]))
 
 
 def _popularity_section(models: Mapping[str, Mapping[str, Any]], item_counts: np.ndarray | None) -> str:
