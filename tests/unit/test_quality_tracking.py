@@ -42,7 +42,9 @@ def test_slices_are_logged_and_the_card_is_on_the_version(tracked):
     card = json.loads((local / "model_card.json").read_text())
     assert card["model"]["version"] == out["model_version"] and card["model"]["run_id"] == out["run_id"]
     assert card["metrics"]["test"]["mrr@20"] == pytest.approx(out["test_metrics"]["mrr@20"])
-    assert card["metrics"]["intervals"]["mrr@20"][0] <= card["metrics"]["test"]["mrr@20"]
+    ci = card["metrics"]["intervals"]["mrr@20"]
+    assert ci["low"] <= ci["all_targets"] <= ci["high"]
+    assert ci["all_targets"] == pytest.approx(card["metrics"]["test"]["mrr@20"])  # every target ranked here
     assert set(card["baselines"]) == {"item-knn", "most-popular"} and card["training_cost"]["epochs"] == 1
     assert card["data"]["window"] and card["limitations"]
     assert card["lineage"]["seed"] == str(config.train.seed)
@@ -59,3 +61,28 @@ def test_training_report_is_self_contained_and_logged(tracked):
     assert "http://" not in text and "https://" not in text  # nothing fetched from anywhere
     client = MlflowClient(tracking_uri=out["tracking_uri"])
     assert f"report/{path.name}" in {f.path for f in client.list_artifacts(out["run_id"], "report")}
+
+
+def test_gate_on_real_versions_records_the_interval_and_slices(tracked):
+    from mlflow_fixtures import train_checkpoint
+
+    from recsys.tracking.promotion import promote
+    from recsys.tracking.runs import register_checkpoint
+
+    config, out = tracked
+    first = promote(config)  # the tracked run's version: first champion, nothing to compare per target
+    assert first.promoted and first.comparison == {} and first.blocked_slices == []
+    version = register_checkpoint(config, train_checkpoint(config, "longer", epochs=4))["model_version"]
+    decision = promote(config)
+    overall = decision.comparison["overall"]
+    assert overall["n"] == 60 and overall["low"] <= overall["mean"] <= overall["high"]
+    c, ch = decision.challenger_metrics["mrr@20"], decision.champion_metrics["mrr@20"]
+    assert overall["mean"] == pytest.approx(c - ch)  # paired per-target differences average to the gap
+    assert {"item:head", "user:known"} <= set(decision.comparison["slices"])
+    if c > ch:  # the point gain clears the (zero) margin: the interval and the slices decide
+        assert "CI [" in decision.reason
+        assert decision.promoted == (overall["low"] > 0 and not decision.blocked_slices)
+    tags = MlflowClient(tracking_uri=out["tracking_uri"]).get_model_version(
+        config.tracking.registered_model, version).tags
+    assert tags["promotion.interval"].startswith(f"{overall['mean']:+.6f}")
+    assert tags["promotion.blocked_slices"] == ",".join(decision.blocked_slices)
