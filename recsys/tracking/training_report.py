@@ -50,7 +50,7 @@ def _slices_section(slices: Mapping[str, Any]) -> str:
             row += [cell.get("recall@20"), interval, cell.get("ndcg@20")]
         rows.append(row)
     return ("<h2>Slices (test targets)</h2><p class=note>Targets a model cannot rank (new items, no known "
-            "history) count as misses. Intervals: Poisson bootstrap over targets.</p>"
+            "history) count as misses. Intervals: percentile bootstrap over targets.</p>"
             + table(header, rows) + _slices_chart(models, names, level))
 
 
