@@ -13,6 +13,7 @@ import logging
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow  # noqa: E402  (after recsys.tracking.store, which sets MLflow's environment first)
@@ -334,7 +335,8 @@ def log_model_card(config: Config, split_dir: Path, result: Any, metrics: dict[s
                "history": list(result.history), "best_epoch": getattr(result, "best_epoch", 0),
                "device": result.device, "n_items": result.n_items, "metrics": metrics,
                "slices": (result.extra or {}).get("slices") or {}}
-    lineage = lineage_tags(split_dir, config.paths.events_dir, config.train.seed)
+    lineage = (lineage_tags(split_dir, config.paths.events_dir, config.train.seed)
+               if Path(split_dir).is_dir() else {})
     card = build_card(config, name=version.name, version=str(version.version), run_id=run_id,
                       split_dir=split_dir, summary=summary, lineage=lineage)
     mlflow.log_text(card_json(card), "model_card/model_card.json", run_id=run_id)
@@ -377,6 +379,10 @@ def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
+    # the card of a checkpoint registered later: what it stored (no test evaluation, so no slices)
+    recorded = SimpleNamespace(test_metrics={}, baseline_metrics={}, best_epoch=ckpt.epoch, device="",
+                               history=(ckpt.extra or {}).get("history", []), n_items=ckpt.n_items, extra={})
+    _model_card_safely(config, config.paths.split_dir, recorded, metrics, run.info.run_id, version, store.uri)
     mlflow.end_run(status="FINISHED")
     return {"run_id": run.info.run_id, "model_version": str(version.version),
             "registered_model": version.name, "metrics": metrics, "checkpoint": str(checkpoint_path),

@@ -82,7 +82,9 @@ def test_gate_on_real_versions_records_the_interval_and_slices(tracked):
     if c > ch:  # the point gain clears the (zero) margin: the interval and the slices decide
         assert "CI [" in decision.reason
         assert decision.promoted == (overall["low"] > 0 and not decision.blocked_slices)
-    tags = MlflowClient(tracking_uri=out["tracking_uri"]).get_model_version(
-        config.tracking.registered_model, version).tags
+    registered = MlflowClient(tracking_uri=out["tracking_uri"]).get_model_version(
+        config.tracking.registered_model, version)
+    assert registered.description.startswith("# Model card")  # `recsys register` versions get one too
+    tags = registered.tags
     assert tags["promotion.interval"].startswith(f"{overall['mean']:+.6f}")
     assert tags["promotion.blocked_slices"] == ",".join(decision.blocked_slices)
