@@ -203,6 +203,11 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
     console.print(f"promotion: {'promoted' if decision.get('promoted') else 'not promoted'} — "
                   f"{decision.get('reason', '')}")
     console.print(f"MLflow run: {summary['train'].get('run_url')}")
+    training = summary["train"].get("training") or {}
+    monitoring = score.get("monitoring") or {}
+    console.print(f"training report: [bold]{training.get('report_path', '–')}[/bold]")
+    console.print(f"export report:   [bold]{score.get('report_path', '–')}[/bold]  "
+                  f"(monitoring {str(monitoring.get('status', 'off')).upper()})")
     from recsys.tracking.store import resolve_tracking_uri
 
     embedded = resolve_tracking_uri(config).startswith("sqlite:")

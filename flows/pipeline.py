@@ -6,6 +6,7 @@ from datetime import date
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows._common import (
@@ -17,11 +18,14 @@ from flows._common import (
     resolve_run_date,
 )
 from flows.ingest import ingest_flow
+from flows.reports import pipeline_summary
 from flows.score import score_flow
 from flows.train import train_flow
 from recsys.config import Config
 
 forward_library_logs()
+
+PIPELINE_SUMMARY_KEY = "pipeline-summary"
 
 
 @task(name="generate-synthetic", cache_policy=NO_CACHE)
@@ -69,7 +73,7 @@ def _pipeline(config: Config, day: date, input: list[str] | None, shards: int,  
     train = train_flow(run_date=day, prepare=True, promote=True, overrides=overrides)
     score = score_flow(run_date=day, alias="champion", shards=shards, executor=executor, overrides=overrides)
     logger.info("pipeline %s done: export at %s", day, score.get("path"))
-    return {
+    summary = {
         "run_date": str(day),
         "generated": generated,
         "ingest": ingest,
@@ -77,3 +81,6 @@ def _pipeline(config: Config, day: date, input: list[str] | None, shards: int,  
         "score": score,
         "catalogue": (generated or {}).get("catalogue"),
     }
+    create_markdown_artifact(markdown=pipeline_summary(summary), key=PIPELINE_SUMMARY_KEY,
+                             description=f"Pipeline {day}: every stage, the reports, metrics and slices")
+    return summary

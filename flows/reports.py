@@ -68,6 +68,11 @@ def training_report(
         "",
         models_table(split_training_metrics(training.get("metrics") or {})),
     ]
+    if training.get("report_path"):
+        lines[4:4] = [f"- HTML report: {file_link(training.get('report_path'))}"]
+    sliced = slices_markdown(training.get("slices") or {})
+    if sliced:
+        lines += ["## Slices (GRU4Rec, test targets)", "", sliced]
     if decision is None:
         lines += ["## Promotion", "", "Not run (`promote=False`)."]
         return "\n".join(lines) + "\n"
@@ -94,6 +99,8 @@ def promotion_report(decision: Mapping[str, Any]) -> str:
     verdict = "promoted to @champion" if decision.get("promoted") else "not promoted"
     compared = decision_models(decision)
     body = models_table(compared) if compared else ""
+    if decision.get("blocked_slices"):
+        body += "\nBlocked by slices: " + ", ".join(f"`{s}`" for s in decision["blocked_slices"]) + "\n"
     return f"# Promotion decision: {verdict}\n\n{decision.get('reason', '')}\n\n{body}"
 
 
@@ -115,3 +122,78 @@ def export_summary_table(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     if snapshot:
         add("input.snapshot_hash", snapshot)
     return rows
+
+
+def file_link(path: str | None) -> str:
+    """A markdown link to a local report file (``file://``), or a dash."""
+    if not path:
+        return "–"
+    from pathlib import Path
+
+    resolved = Path(path).resolve()
+    return f"[{resolved.name}]({resolved.as_uri()}) (`{resolved}`)"
+
+
+def slices_markdown(slices: Mapping[str, Any], model: str = "gru4rec") -> str:
+    """MRR@20 per slice with its interval, one row per slice (empty string without slices)."""
+    rows = (slices.get("models") or {}).get(model) or {}
+    if not rows:
+        return ""
+    level = f"{float(slices.get('confidence', 0.95)):.0%}"
+    lines = [f"| slice | targets | R@20 | MRR@20 | {level} interval |", "|---|---:|---:|---:|---|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row.get('n')} | {fmt(row.get('recall@20'))} | {fmt(row.get('mrr@20'))} | "
+                     f"[{fmt(row.get('mrr@20_low'))}, {fmt(row.get('mrr@20_high'))}] |")
+    return "\n".join(lines) + "\n"
+
+
+def monitoring_markdown(manifest: Mapping[str, Any], report: str | None) -> str:
+    """The export's monitoring verdict, its numbers and the findings, with a link to the HTML report."""
+    mon = manifest.get("monitoring") or {}
+    if not mon:
+        return "# Export monitoring\n\nMonitoring is off (`score.monitoring.enabled=false`).\n"
+    lines = [f"# Export monitoring {mon.get('run_date')}: **{str(mon.get('status')).upper()}**", "",
+             f"- report: {file_link(report)}",
+             f"- previous export: {mon.get('previous_run_date') or 'none'}", ""]
+    for finding in mon.get("findings") or []:
+        lines.append(f"- {finding['level']}: `{finding['metric']}` = {finding['value']:.4g} "
+                     f"({finding['rule']} {finding['bound']:g})")
+    lines += ["", "| number | value |", "|---|---:|"]
+    lines += [f"| {k} | {fmt(v)} |" for k, v in (mon.get("metrics") or {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_summary(summary: Mapping[str, Any]) -> str:
+    """The top ``pipeline`` flow run's artifact: every stage's outcome and where its reports are."""
+    train = summary.get("train") or {}
+    training = train.get("training") or {}
+    decision = train.get("decision") or {}
+    score = summary.get("score") or {}
+    mon = score.get("monitoring") or {}
+    ingest = summary.get("ingest") or {}
+    verdict = "promoted" if decision.get("promoted") else "not promoted"
+    lines = [
+        f"# Pipeline {summary.get('run_date')}",
+        "",
+        "| stage | outcome |",
+        "|---|---|",
+        f"| ingest | {fmt(ingest.get('rows_in'))} rows in, {fmt(ingest.get('events_written'))} events |",
+        f"| train | run `{training.get('run_id')}` → version {training.get('model_version')} |",
+        f"| promote | {verdict}: {decision.get('reason', '–')} |",
+        f"| score | {fmt(score.get('rows'))} rows for {fmt((score.get('counts') or {}).get('users_scored'))} "
+        f"users at `{score.get('path')}` |",
+        f"| monitoring | {str(mon.get('status', 'off')).upper()} "
+        f"({len(mon.get('findings') or [])} finding(s)) |",
+        "",
+        f"- training report: {file_link(training.get('report_path'))}",
+        f"- export report: {file_link(score.get('report_path'))}",
+        f"- MLflow run: {train.get('run_url') or '–'}",
+        "",
+        "## Test metrics vs baselines",
+        "",
+        models_table(split_training_metrics(training.get("metrics") or {})),
+    ]
+    sliced = slices_markdown(training.get("slices") or {})
+    if sliced:
+        lines += ["## Slices (GRU4Rec)", "", sliced]
+    return "\n".join(lines) + "\n"

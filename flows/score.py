@@ -9,21 +9,25 @@ shards on a Dask cluster: a local one (``dask_workers`` processes) or an existin
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._common import as_plain, flow_config, forward_library_logs, io_task, resolve_run_date
-from flows.reports import export_summary_table
+from flows.reports import export_summary_table, monitoring_markdown
 from recsys.config import Config
+from recsys.serving.monitoring import ExportMonitoringError
 
 forward_library_logs()
 
 EXPORT_SUMMARY_KEY = "export-summary"
+EXPORT_MONITORING_KEY = "export-monitoring"
+EXPORT_REPORT_KEY = "export-report"
 
 
 def champion_uri(config: Config, alias: str) -> str:
@@ -55,6 +59,34 @@ def publish_shards_task(config: Config, run_date: date, shards: list[dict[str, A
     from recsys.serving.shards import publish_shards
 
     return as_plain(publish_shards(config, shards, run_date=run_date))
+
+
+@task(name="export-report", cache_policy=NO_CACHE)
+def export_report_task(config: Config, run_date: date, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The export's HTML report (monitoring over the last run dates), also logged to MLflow when reachable."""
+    import logging
+
+    from recsys.serving.export_report import log_export_report, write_export_report
+
+    path = write_export_report(config.paths.exports_dir, run_date, config.score.monitoring, manifest)
+    run_id = None
+    try:
+        run_id = log_export_report(config, run_date, path, manifest.get("monitoring") or {})
+    except Exception as exc:  # noqa: BLE001 - the report is on disk; the store is optional for scoring
+        logging.getLogger("recsys").warning("export report not logged to MLflow: %s", exc)
+    return {"report_path": str(path), "mlflow_run_id": run_id}
+
+
+def publish_monitoring(config: Config, day: date, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Export report + artifacts (monitoring markdown, link to the report); returns the report's paths."""
+    if not manifest.get("monitoring"):
+        return {}
+    report = io_task(export_report_task, config)(config, day, manifest)
+    create_markdown_artifact(markdown=monitoring_markdown(manifest, report["report_path"]),
+                             key=EXPORT_MONITORING_KEY, description=f"Export monitoring {day}")
+    create_link_artifact(link=Path(report["report_path"]).resolve().as_uri(), key=EXPORT_REPORT_KEY,
+                         link_text=f"export report {day}", description=f"Export report {day} (HTML)")
+    return report
 
 
 @flow(name="score-shards")
@@ -114,7 +146,16 @@ def score_flow(
     model_uri = champion_uri(config, alias)
     logger.info("scoring %s with %s in %d shard(s)", day, model_uri, shards)
     if shards <= 1:
-        manifest = io_task(score_task, config)(config, model_uri, day)
+        try:
+            manifest = io_task(score_task, config)(config, model_uri, day)
+        except ExportMonitoringError:  # refused: still show the team why, then fail the flow
+            from recsys.serving.monitoring import load_series
+
+            failed = next((r for r in load_series(config.paths.exports_dir, until=day, last=1)
+                           if r["run_date"] == day.isoformat()), None)
+            if failed is not None:
+                publish_monitoring(config, day, {"monitoring": failed, "run_date": day.isoformat()})
+            raise
     else:
         runner = shard_runner(executor, dask_address, dask_workers)
         parts = score_shards_flow.with_options(task_runner=runner)(config, model_uri, day, shards)
@@ -122,4 +163,9 @@ def score_flow(
     create_table_artifact(table=export_summary_table(manifest), key=EXPORT_SUMMARY_KEY,
                           description=f"Export {day}: {manifest.get('path', '')}")
     logger.info("published %s rows to %s", manifest.get("rows"), manifest.get("path"))
-    return manifest
+    report = publish_monitoring(config, day, manifest)
+    if report:
+        mon = manifest["monitoring"]
+        (logger.warning if mon.get("findings") else logger.info)(
+            "monitoring %s; export report %s", mon.get("status"), report["report_path"])
+    return {**manifest, **report}

@@ -229,7 +229,25 @@ class TrainConfig(Section):
         return value
 
 
+class SlicesConfig(Section):
+    # history-length bucket starts (events before the target): [2, 5, 10, 20] -> 1, 2-4, 5-9, 10-19, 20+
+    history_edges: list[int] = [2, 5, 10, 20]
+    head_share: float = Field(0.5, gt=0, lt=1)  # head items: the most popular, making up this share of events
+    torso_share: float = Field(0.8, gt=0, lt=1)  # torso: the next items up to this share; tail: the rest
+    catalogue: Path | None = None  # catalogue.parquet with a `kind` column; None: found under raw/
+    confidence: float = Field(0.95, gt=0, lt=1)  # level of the bootstrap intervals
+    n_resamples: int = Field(1000, ge=100)  # bootstrap resamples
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shares_ordered(self) -> SlicesConfig:
+        if self.torso_share <= self.head_share:
+            raise ValueError("torso_share must be larger than head_share")
+        return self
+
+
 class EvaluateConfig(Section):
+    slices: SlicesConfig = SlicesConfig()
     cutoffs: list[int] = [1, 5, 10, 20]
     exclude_seen: bool | None = None  # None: on for whole-user sessions, off for gap sessions
     chunk_size: int = Field(2048, ge=1)  # queries scored against the full catalogue at once
@@ -256,6 +274,13 @@ class TrackingConfig(Section):
 class PromoteConfig(Section):
     metric: str = "mrr@20"
     min_improvement: float = Field(0.0, ge=0)  # relative: challenger must beat champion by this fraction
+    # Paired bootstrap over test targets: the lower bound of this interval of (challenger - champion) must
+    # clear the margin. None: compare point estimates only (the old rule).
+    confidence: float | None = Field(0.95, gt=0, lt=1)
+    n_resamples: int = Field(1000, ge=100)
+    min_slice_targets: int = Field(200, ge=1)  # slices with fewer targets never block a promotion
+    slice_tolerance: float = Field(0.05, ge=0)  # relative drop of a slice's metric that blocks promotion
+    slice_tolerances: dict[str, float] = {}  # per-slice overrides, e.g. {"user:cold": 0.10}
 
 
 class TuneConfig(Section):
@@ -271,7 +296,34 @@ class TuneConfig(Section):
     space: dict[str, dict[str, Any]] = {}
 
 
+class Limit(Section):
+    """Bounds of one monitored number: crossing a warn bound warns, crossing a fail bound fails."""
+
+    warn_below: float | None = None
+    fail_below: float | None = None
+    warn_above: float | None = None
+    fail_above: float | None = None
+
+
+class MonitoringConfig(Section):
+    enabled: bool = True
+    block_on_fail: bool = True  # a failing export is not published (the previous run date stays latest)
+    report_runs: int = Field(30, ge=1)  # run dates shown in the export report
+    min_users: int = Field(50, ge=1)  # fewer users scored: the shares say nothing, limits are not applied
+    # monitored number (see recsys.serving.monitoring.MONITORED) -> its bounds
+    limits: dict[str, Limit] = {
+        "coverage": Limit(warn_below=0.05),
+        "gini": Limit(warn_above=0.95, fail_above=0.995),
+        "identical_list_share": Limit(warn_above=0.2, fail_above=0.5),
+        "top_item_user_share": Limit(warn_above=0.9, fail_above=0.99),
+        "popular_share": Limit(warn_above=0.5, fail_above=0.95),
+        "unknown_user_share": Limit(warn_above=0.5),
+        "jaccard_mean": Limit(warn_below=0.05),
+    }
+
+
 class ScoreConfig(Section):
+    monitoring: MonitoringConfig = MonitoringConfig()
     top_k: int = Field(20, ge=1, le=1000)
     history_days: float | None = Field(None, gt=0)  # None: the whole history
     max_history: int = Field(50, ge=1)

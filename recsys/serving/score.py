@@ -55,6 +55,7 @@ from recsys.schemas import (
 )
 from recsys.serving.export import RecsChecks, publish_recs, snapshot_hash
 from recsys.serving.histories import Histories, event_files, load_histories
+from recsys.serving.monitoring import monitor_scored
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +438,10 @@ def _score_users(
         "config": recorded_config(config),  # credentials redacted
         "timings": {name: round(s, 4) for name, s in timer.seconds.items()},
     }
+    monitoring = monitor_scored(recs, vocab, excl_idx, counts, config=sc.monitoring, exports_dir=out_dir,
+                                run_date=run_date)
+    if monitoring is not None:  # written into _manifest.json; a failing export was refused above
+        manifest["monitoring"] = monitoring
     checks = RecsChecks(
         top_k=sc.top_k,
         requested_users=hist.user_ids if requested is not None else None,

@@ -33,9 +33,11 @@ from recsys.tracking.registry import (
     get_version,
     resolve_model,
 )
+from recsys.training.significance import ALL, Interval
 
 if TYPE_CHECKING:
     from recsys.tracking.store import TrackingStore
+    from recsys.training.slices import TargetTable
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ class PromotionDecision:
     challenger_metrics: dict[str, float] = field(default_factory=dict)
     champion_metrics: dict[str, float] = field(default_factory=dict)
     popular_metrics: dict[str, float] = field(default_factory=dict)
+    # challenger minus champion per target: {"overall": interval, "slices": {name: {...}}} (empty: none)
+    comparison: dict[str, Any] = field(default_factory=dict)
+    blocked_slices: list[str] = field(default_factory=list)  # slices whose regression kept it out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,10 +74,68 @@ def gate_value(metrics: dict[str, float], metric: str) -> float:
     return value * n / (n + lost) if n + lost > 0 else 0.0
 
 
+@dataclass
+class Evidence:
+    """Per-target comparison of challenger and champion on the same test targets (paired bootstrap).
+
+    ``overall`` and ``slices`` are intervals of (challenger - champion) of the gate metric per target;
+    ``champion_slices`` the champion's own value in each slice (what a tolerance is relative to).
+    """
+
+    overall: Interval
+    slices: dict[str, Interval]
+    champion_slices: dict[str, float]
+    challenger_slices: dict[str, float]
+
+    def blocking(self, min_targets: int, tolerance: float, tolerances: dict[str, float]) -> list[str]:
+        """Slices with ``min_targets`` or more targets that regress beyond their tolerance, for real.
+
+        A slice blocks when the challenger's value is lower than the champion's by more than the
+        tolerance (relative) AND the interval of the difference lies wholly below 0 (not noise).
+        """
+        blocked = []
+        for name, iv in self.slices.items():
+            if iv.n < min_targets or not math.isfinite(iv.high):
+                continue
+            allowed = tolerances.get(name, tolerance) * self.champion_slices.get(name, 0.0)
+            if iv.mean < -allowed and iv.high < 0:
+                blocked.append(name)
+        return blocked
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "overall": self.overall.to_dict(),
+            "slices": {name: {**iv.to_dict(), "champion": self.champion_slices.get(name),
+                              "challenger": self.challenger_slices.get(name)}
+                       for name, iv in self.slices.items()},
+        }
+
+
+def build_evidence(config: Config, table: TargetTable, challenger_ranks: Any,
+                   champion_ranks: Any) -> Evidence:
+    """Paired bootstrap of the gate metric over ``table``'s targets, overall and per slice."""
+    from recsys.training.slices import paired_comparison, per_target
+
+    cfg = config.promote
+    intervals = paired_comparison(table, challenger_ranks, champion_ranks, cfg.metric,
+                                  confidence=cfg.confidence or 0.95, n_resamples=cfg.n_resamples,
+                                  seed=config.evaluate.slices.seed)
+    name, _, k = cfg.metric.partition("@")
+    champ, chall = per_target(champion_ranks, name, int(k)), per_target(challenger_ranks, name, int(k))
+    means = {s: (float(champ[m].mean()), float(chall[m].mean())) for s, m in table.slices.items() if m.any()}
+    overall = intervals.pop(ALL)
+    return Evidence(overall, intervals, {s: v[0] for s, v in means.items()},
+                    {s: v[1] for s, v in means.items()})
+
+
 def _evaluate_version(
-    config: Config, version: Any, label: str, with_popular: bool
+    config: Config, version: Any, label: str, with_popular: bool,
+    table: TargetTable | None = None, target_ranks: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Test-split metrics of one registered version (and most-popular under the same vocabulary)."""
+    """Test-split metrics of one registered version (and most-popular under the same vocabulary).
+
+    With ``table``, ``target_ranks[label]`` receives the version's ranks over every test target.
+    """
     from recsys.device import resolve_device
     from recsys.model.checkpoint import build_model, load_checkpoint
     from recsys.model.recommender import GRU4RecRecommender
@@ -82,8 +145,13 @@ def _evaluate_version(
     device = resolve_device(config.train.device)
     ckpt = load_checkpoint(resolved.checkpoint_path, map_location=device)
     rec = GRU4RecRecommender(build_model(ckpt, device), device, name=label)
+    ranks: dict[str, Any] | None = {} if table is not None else None
     rows = evaluate_all(config, config.paths.split_dir, {label: rec}, split="test",
-                        baselines=with_popular, vocab=ckpt.vocab, device=device)
+                        baselines=with_popular, vocab=ckpt.vocab, device=device, ranks=ranks)
+    if table is not None and ranks is not None and target_ranks is not None:
+        from recsys.training.slices import ranks_over_targets
+
+        target_ranks[label] = ranks_over_targets(table, ckpt.vocab, ranks[label])
     for value in rows[label].values():
         if isinstance(value, float) and math.isnan(value):
             raise ValueError(f"{label} produced NaN metrics")
@@ -97,10 +165,14 @@ def _json_tag(metrics: dict[str, float]) -> str:
 
 
 def decide(metric: str, min_improvement: float, challenger: dict[str, float], popular: dict[str, float],
-           champion: dict[str, float] | None, champion_version: str | None) -> tuple[bool, str]:
+           champion: dict[str, float] | None, champion_version: str | None,
+           evidence: Evidence | None = None, blocked: list[str] | None = None) -> tuple[bool, str]:
     """The gate: beat most-popular, and (when a champion exists) beat it by the relative margin.
 
     Values in the reason are :func:`gate_value` (the metric over all test targets, marked ``[all]``).
+    With ``evidence`` (the paired bootstrap), the margin must be cleared by the interval's lower bound,
+    not only by the point estimate, and ``blocked`` (slices regressing beyond their tolerance, from
+    :meth:`Evidence.blocking`) keeps the challenger out whatever its overall gain.
     """
     label = f"{metric}[all]"
     c, p = gate_value(challenger, metric), gate_value(popular, metric)
@@ -111,6 +183,9 @@ def decide(metric: str, min_improvement: float, challenger: dict[str, float], po
     ch = gate_value(champion, metric)
     needed = ch * (1.0 + min_improvement)
     gain = (c - ch) / ch if ch > 0 else math.inf
+    if evidence is not None and c > needed:
+        return _decide_with_evidence(label, c, ch, p, champion_version, min_improvement, evidence,
+                                     blocked or [])
     if c > needed:
         return True, (f"challenger {label}={c:.4f} beats champion v{champion_version} ({ch:.4f}) by "
                       f"{gain:+.2%} (margin {min_improvement:.2%}) and most-popular ({p:.4f})")
@@ -119,6 +194,28 @@ def decide(metric: str, min_improvement: float, challenger: dict[str, float], po
                        f"({ch:.4f})")
     return False, (f"challenger {label}={c:.4f} beats champion v{champion_version} ({ch:.4f}) by only "
                    f"{gain:+.2%}, below the required margin {min_improvement:.2%}")
+
+
+def _decide_with_evidence(label: str, c: float, ch: float, p: float, champion_version: str | None,
+                          min_improvement: float, evidence: Evidence, blocked: list[str]) -> tuple[bool, str]:
+    """The point gain clears the margin: now its interval must too, and no slice may block."""
+    iv = evidence.overall
+    margin = ch * min_improvement
+    ci = f"{iv.confidence:.0%} CI [{iv.low:+.4f}, {iv.high:+.4f}] over {iv.n:,} targets"
+    head = f"challenger {label}={c:.4f} vs champion v{champion_version} ({ch:.4f}): {c - ch:+.4f}, {ci}"
+    if not iv.low > margin:
+        what = "not significant" if iv.low <= 0 else "not significantly above"
+        return False, f"{head}; the gain is {what} the margin {min_improvement:.2%} (+{margin:.4f})"
+    if blocked:
+        parts = []
+        for name in blocked:
+            s = evidence.slices[name]
+            parts.append(f"{name} {evidence.challenger_slices.get(name, 0.0):.4f} vs "
+                         f"{evidence.champion_slices.get(name, 0.0):.4f} ({s.mean:+.4f}, "
+                         f"CI [{s.low:+.4f}, {s.high:+.4f}], n={s.n:,})")
+        return False, f"{head}; blocked by slices regressing beyond tolerance: " + "; ".join(parts)
+    return True, (f"{head} clears the margin {min_improvement:.2%}, no slice regresses; "
+                  f"beats most-popular ({p:.4f})")
 
 
 @contextlib.contextmanager
@@ -170,8 +267,10 @@ def promote(config: Config, version: str | int | None = None) -> PromotionDecisi
     if champion is not None and str(champion.version) == str(challenger.version):
         decision.reason = f"version {challenger.version} is already the champion"
         return decision
+    table, target_ranks = _target_table(config), {}  # per-target ranks for the paired bootstrap
     try:
-        rows = _evaluate_version(config, challenger, CHALLENGER, with_popular=True)
+        rows = _evaluate_version(config, challenger, CHALLENGER, with_popular=True, table=table,
+                                 target_ranks=target_ranks)
         decision.challenger_metrics = rows[CHALLENGER]
         decision.popular_metrics = rows[POPULAR]
     except Exception as exc:  # anything wrong with the challenger's artifact keeps it out
@@ -180,7 +279,7 @@ def promote(config: Config, version: str | int | None = None) -> PromotionDecisi
         _record(store, config, name, decision)
         return decision
     for _ in range(CAS_ROUNDS):
-        _judge(config, decision, champion)
+        _judge(config, decision, champion, table, target_ranks)
         if not decision.promoted:
             break
         with _alias_lock(config, store):
@@ -211,24 +310,45 @@ def promote(config: Config, version: str | int | None = None) -> PromotionDecisi
     return decision
 
 
-def _judge(config: Config, decision: PromotionDecision, champion: Any | None) -> None:
+def _judge(config: Config, decision: PromotionDecision, champion: Any | None, table: TargetTable | None,
+           target_ranks: dict[str, Any]) -> None:
     """Fill ``decision`` (champion version and metrics, verdict, reason) against ``champion``."""
     decision.champion_version = _version_str(champion)
     decision.champion_metrics = {}
+    decision.comparison, decision.blocked_slices = {}, []
+    target_ranks.pop(CHAMPION, None)
     champion_note = ""
     if champion is not None:
         try:
-            decision.champion_metrics = _evaluate_version(config, champion, CHAMPION,
-                                                          with_popular=False)[CHAMPION]
+            decision.champion_metrics = _evaluate_version(config, champion, CHAMPION, with_popular=False,
+                                                          table=table, target_ranks=target_ranks)[CHAMPION]
         except Exception as exc:
             logger.exception("champion version %s could not be evaluated", champion.version)
             champion_note = (f" (champion v{champion.version} could not be evaluated: {exc}; "
                              "treated as absent)")
+    evidence = None
+    if table is not None and decision.champion_metrics and {CHALLENGER, CHAMPION} <= set(target_ranks):
+        evidence = build_evidence(config, table, target_ranks[CHALLENGER], target_ranks[CHAMPION])
+        cfg = config.promote
+        decision.blocked_slices = evidence.blocking(cfg.min_slice_targets, cfg.slice_tolerance,
+                                                    cfg.slice_tolerances)
+        decision.comparison = evidence.to_dict()
     decision.promoted, decision.reason = decide(
         config.promote.metric, config.promote.min_improvement, decision.challenger_metrics,
         decision.popular_metrics, decision.champion_metrics or None, decision.champion_version,
+        evidence, decision.blocked_slices,
     )
     decision.reason += champion_note
+
+
+def _target_table(config: Config) -> TargetTable | None:
+    """The test targets with their slices, when the gate compares per target (``promote.confidence``)."""
+    if config.promote.confidence is None:
+        return None
+    from recsys.schemas import TEST_FILE
+    from recsys.training.slices import target_table
+
+    return target_table(config, config.paths.split_dir, TEST_FILE)
 
 
 def _record(store: TrackingStore, config: Config, name: str, decision: PromotionDecision) -> None:
@@ -247,6 +367,11 @@ def _record(store: TrackingStore, config: Config, name: str, decision: Promotion
         "promotion.split_snapshot": snapshot_hash(config.paths.split_dir),
         "promotion.evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if decision.comparison:
+        overall = decision.comparison["overall"]
+        tags["promotion.interval"] = (f"{overall['mean']:+.6f} [{overall['low']:+.6f}, "
+                                      f"{overall['high']:+.6f}] @{overall['confidence']}")
+        tags["promotion.blocked_slices"] = ",".join(decision.blocked_slices)
     version = str(decision.challenger_version)
     for key, value in tags.items():
         with_retries(lambda k=key, v=value: store.client.set_model_version_tag(name, version, k, v), config,

@@ -19,6 +19,7 @@ import logging
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow  # noqa: E402  (after recsys.tracking.store, which sets MLflow's environment first)
@@ -334,6 +335,7 @@ def tracked_training(
                      "logging final metrics and artifacts", uri)
         version = with_retries(lambda: log_and_register(config, checkpoint, run_id), config,
                                "logging and registering the model", uri)
+        card = _model_card_safely(config, split_dir, result, metrics, run_id, version, uri)
         _end_run(config, "FINISHED", uri)
     except BaseException as exc:
         with contextlib.suppress(Exception):  # unreachable: the next training closes it as FAILED
@@ -342,6 +344,9 @@ def tracked_training(
             raise TrackingUnavailableError(f"{exc}; {_register_hint(checkpoint)}") from exc
         raise
     return {
+        "slices": (result.extra or {}).get("slices") or {},
+        "report_path": str(training_report_path(config, run_id)),
+        "model_card": card,
         "run_id": run_id,
         "model_version": str(version.version),
         "registered_model": version.name,
@@ -364,6 +369,86 @@ def _finish_run(config: Config, split_dir: Path, result: Any, metrics: dict[str,
     mlflow.log_metrics(metrics, run_id=run_id)
     _log_run_artifacts(config, split_dir, list(result.history), result.test_metrics,
                        result.baseline_metrics, run_id)
+    _log_quality(config, split_dir, result, run_id)
+
+
+def slice_metrics(slices: Mapping[str, Any], model: str = "gru4rec") -> dict[str, float]:
+    """``test_gru_slice_<slice>_<metric>_20`` for every slice of ``model`` (MLflow-safe names)."""
+    out: dict[str, float] = {}
+    for name, row in ((slices.get("models") or {}).get(model) or {}).items():
+        for key in ("recall@20", "mrr@20", "ndcg@20"):
+            value = row.get(key)
+            if isinstance(value, float) and value == value:  # NaN: an empty slice, nothing to log
+                out[metric_key(f"test_gru_slice_{name}_{key}").replace(":", "_")] = value
+    return out
+
+
+def training_report_path(config: Config, run_id: str) -> Path:
+    """Where the training run's HTML report is kept on disk (beside the MLflow artifact)."""
+    return config.paths.data_root / "reports" / "training" / f"{run_id}.html"
+
+
+def _log_quality(config: Config, split_dir: Path, result: Any, run_id: str) -> None:
+    """Slice metrics and intervals (metrics + JSON) and the self-contained HTML training report."""
+    import json
+
+    from recsys.data.vocab import Vocab
+    from recsys.schemas import VOCAB_FILE
+    from recsys.tracking.lineage import read_split_stats
+    from recsys.tracking.training_report import write_training_report
+
+    slices = (result.extra or {}).get("slices") or {}
+    if slices:
+        mlflow.log_metrics(slice_metrics(slices), run_id=run_id)
+        mlflow.log_text(json.dumps(slices, indent=2, default=str), "report/slices.json", run_id=run_id)
+    stats = read_split_stats(split_dir)
+    vocab_file = Path(split_dir) / VOCAB_FILE
+    counts = Vocab.load(vocab_file).counts if vocab_file.is_file() else None
+    facts = {"MLflow run": run_id, "data window": f"{stats.get('time_min')} → {stats.get('time_max')}",
+             "test cutoff": stats.get("test_cutoff"), "protocol": stats.get("protocol"),
+             "device": result.device, "best epoch": getattr(result, "best_epoch", None),
+             "catalogue items": result.n_items}
+    path = write_training_report(
+        training_report_path(config, run_id),
+        title=f"Training report — {config.train.run_name} ({run_id[:8]})",
+        facts=facts, test_metrics=result.test_metrics, baseline_metrics=result.baseline_metrics,
+        slices=slices, history=list(result.history), item_counts=counts,
+    )
+    mlflow.log_artifact(str(path), "report", run_id=run_id)
+
+
+def _model_card_safely(config: Config, split_dir: Path, result: Any, metrics: dict[str, float], run_id: str,
+                       version: Any, uri: str) -> dict[str, Any]:
+    """Write the version's model card (description + run artifacts); a failure is logged, never fatal."""
+    try:
+        return with_retries(lambda: log_model_card(config, split_dir, result, metrics, run_id, version),
+                            config, "writing the model card", uri)
+    except Exception as exc:  # the model is registered; a missing card must not undo that
+        logger.error("model card for version %s not written: %s", getattr(version, "version", "?"), exc)
+        return {}
+
+
+def log_model_card(config: Config, split_dir: Path, result: Any, metrics: dict[str, float], run_id: str,
+                   version: Any) -> dict[str, Any]:
+    """The model card of a registered version: its description, and ``model_card/`` run artifacts."""
+    from mlflow import MlflowClient
+
+    from recsys.tracking.model_card import build_card, card_json, card_markdown, description
+
+    summary = {"test_metrics": result.test_metrics, "baseline_metrics": result.baseline_metrics,
+               "history": list(result.history), "best_epoch": getattr(result, "best_epoch", 0),
+               "device": result.device, "n_items": result.n_items, "metrics": metrics,
+               "slices": (result.extra or {}).get("slices") or {}}
+    lineage = (lineage_tags(split_dir, config.paths.events_dir, config.train.seed)
+               if Path(split_dir).is_dir() else {})
+    card = build_card(config, name=version.name, version=str(version.version), run_id=run_id,
+                      split_dir=split_dir, summary=summary, lineage=lineage)
+    mlflow.log_text(card_json(card), "model_card/model_card.json", run_id=run_id)
+    mlflow.log_text(card_markdown(card), "model_card/model_card.md", run_id=run_id)
+    uri = resolve_tracking_uri(config)
+    MlflowClient(tracking_uri=uri, registry_uri=uri).update_model_version(
+        version.name, str(version.version), description=description(card))
+    return card
 
 
 def _register_run(config: Config, store: TrackingStore, checkpoint_path: Path, ckpt: Any,
@@ -417,6 +502,11 @@ def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]
                     mlflow.log_metrics(epoch_metrics(entry), step=int(entry.get("epoch", 0)))
             version = with_retries(lambda: log_and_register(config, checkpoint_path, run_id), config,
                                    "logging and registering the model", store.uri)
+            # the card of a checkpoint registered later: what it stored (no test evaluation, no slices)
+            recorded = SimpleNamespace(test_metrics={}, baseline_metrics={}, best_epoch=ckpt.epoch, device="",
+                                       history=(ckpt.extra or {}).get("history", []), n_items=ckpt.n_items,
+                                       extra={})
+            _model_card_safely(config, config.paths.split_dir, recorded, metrics, run_id, version, store.uri)
             _end_run(config, "FINISHED", store.uri)
         except BaseException:
             with contextlib.suppress(Exception):

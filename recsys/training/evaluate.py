@@ -120,6 +120,7 @@ def evaluate_recommender(
     chunk_size: int,
     device: str | torch.device = "cpu",
     item_popularity: np.ndarray | None = None,
+    ranks_out: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Rank every query's target against the full catalogue; Recall/MRR/NDCG, coverage, popularity.
 
@@ -127,6 +128,10 @@ def evaluate_recommender(
     the unrankable ones from ``seqs.dropped`` included), ``coverage@K`` (distinct recommended items /
     n_items), ``popularity@K`` (mean training count of the recommended items; only with
     ``item_popularity``), ``n_queries`` and the ``seqs.dropped`` counts.
+
+    ``ranks_out`` (int64 [Q], canonical query order), when given, receives every query's exact rank
+    (``n_items + 1`` for a masked target): per-target values for slices and paired tests
+    (recsys.training.slices). Filled chunk by chunk, so it too is independent of ``chunk_size``.
     """
     cutoffs = sorted({int(k) for k in cutoffs})
     if not cutoffs or cutoffs[0] < 1:
@@ -145,6 +150,8 @@ def evaluate_recommender(
     history_aware = isinstance(rec, HistoryAware) and rec.uses_history
     if states.shape[0] != n_queries:
         raise ValueError(f"{rec.name}: encode_queries gave {states.shape[0]} states for {n_queries} queries")
+    if ranks_out is not None and ranks_out.shape != (n_queries,):
+        raise ValueError(f"ranks_out has shape {ranks_out.shape}, want ({n_queries},)")
 
     rank_hist = torch.zeros(max_k + 2, dtype=torch.int64, device=device)  # queries per rank 0..max_k+1
     rec_counts = torch.zeros((len(cutoffs), n_items), dtype=torch.int64, device=device)  # [C, n_items]
@@ -165,6 +172,8 @@ def evaluate_recommender(
         tgt_score = scores.gather(1, tgt[:, None])  # [b, 1]
         rank = count_at_least(scores, tgt_score)  # [b] conservative: ties rank ahead of the target
         rank[tgt_score[:, 0] == -math.inf] = n_items + 1  # a masked target is a miss
+        if ranks_out is not None:
+            ranks_out[lo:hi] = rank.cpu().numpy()
 
         vals, idx = canonical_topk(scores, list_k)  # [b, list_k]
         if torch.isnan(vals[:, 0]).any():  # topk ranks NaN above everything: one check covers the row
@@ -239,12 +248,14 @@ def evaluate_all(
     baselines: bool = True,
     vocab: Vocab | None = None,
     device: str | torch.device = "cpu",
+    ranks: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate ``recommenders`` and (by default) both baselines on one split: rows of the comparison table.
 
     The baselines are fitted on the split's training sequences. Rows keep the order: the given
     recommenders, then item-kNN, then most-popular. ``vocab`` (e.g. a checkpoint's) replaces the split's
-    vocabulary when the model was trained with its own.
+    vocabulary when the model was trained with its own. ``ranks``, when given, receives each model's
+    per-query ranks (``evaluate_recommender``'s ``ranks_out``), keyed like the rows.
     """
     from recsys.training.baselines import fit_baselines
 
@@ -266,8 +277,12 @@ def evaluate_all(
             raise ValueError(f"{name} scores {rec.n_items} items but the vocabulary has {n_items}")
         log.info("evaluating %s on %s (%d sequences, exclude_seen=%s)", name, split,
                  evaluated.n_sequences, exclude_seen)
+        out = None if ranks is None else np.zeros(len(evaluated.queries()[0]), dtype=np.int64)
         rows[name] = evaluate_recommender(
             rec, evaluated, cutoffs=config.evaluate.cutoffs, exclude_seen=exclude_seen,
             chunk_size=config.evaluate.chunk_size, device=device, item_popularity=vocab.counts,
+            ranks_out=out,
         )
+        if ranks is not None:
+            ranks[name] = out
     return rows

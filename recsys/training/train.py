@@ -25,7 +25,7 @@ from recsys.model.checkpoint import build_model, load_checkpoint, save_checkpoin
 from recsys.model.gru4rec import GRU4Rec
 from recsys.model.recommender import GRU4RecRecommender
 from recsys.model.step import NonFiniteLossError, SessionParallelTrainer
-from recsys.schemas import TRAIN_FILE, VALID_FILE, VOCAB_FILE
+from recsys.schemas import TEST_FILE, TRAIN_FILE, VALID_FILE, VOCAB_FILE
 from recsys.training.epochs import rng_state, run_epoch, set_rng_state
 from recsys.training.evaluate import evaluate_all, evaluate_recommender, resolve_exclude_seen
 
@@ -223,12 +223,21 @@ def _refit_selected(config: Config, split_dir: Path, vocab: Vocab, state: _Selec
     return state.best_epoch
 
 
-def _test(config: Config, split_dir: Path, best_path: Path,
-          device: torch.device) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Test metrics of the kept model and of both baselines, through the one evaluation code path."""
-    best = build_model(load_checkpoint(best_path, map_location=device), device)
+def _test(config: Config, split_dir: Path, best_path: Path, device: torch.device,
+          extra: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Test metrics of the kept model and of both baselines, through the one evaluation code path.
+
+    ``extra`` (when given) receives ``"slices"``: every model's per-slice metrics with intervals.
+    """
+    ckpt = load_checkpoint(best_path, map_location=device)
+    best = build_model(ckpt, device)
+    ranks: dict[str, Any] = {}
     rows = evaluate_all(config, split_dir, {MODEL_NAME: GRU4RecRecommender(best, device, name=MODEL_NAME)},
-                        split="test", device=device)
+                        split="test", device=device, ranks=ranks)
+    if extra is not None:
+        from recsys.training.slices import slices_of_models
+
+        extra["slices"] = slices_of_models(config, split_dir, TEST_FILE, ranks, ckpt.vocab)
     return rows.pop(MODEL_NAME), rows
 
 
@@ -260,8 +269,9 @@ def train_model(
     refit_epochs = _refit_selected(config, split_dir, vocab, state, device, best_path, tags)
     test_metrics: dict[str, float] = {}
     baseline_metrics: dict[str, dict[str, float]] = {}
+    extra: dict[str, Any] = {}
     if evaluate_test:
-        test_metrics, baseline_metrics = _test(config, split_dir, best_path, device)
+        test_metrics, baseline_metrics = _test(config, split_dir, best_path, device, extra)
     return TrainResult(
         best_checkpoint=best_path,
         history=state.history,
@@ -272,4 +282,5 @@ def train_model(
         best_epoch=state.best_epoch,
         stopped_early=state.stopped_early,
         refit_epochs=refit_epochs,
+        extra=extra,
     )
