@@ -34,7 +34,7 @@ import polars as pl
 
 from recsys.config import Config
 from recsys.data.errors import IngestError
-from recsys.data.quarantine import write_quarantine
+from recsys.data.quarantine import stage_quarantine
 from recsys.schemas import ITEM_ID
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,11 @@ def ingest_catalogue(path: Path, config: Config, out: Path | None = None) -> Cat
                           f"first: row {first['row']}: {first['reason']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".catalogue-", dir=out.parent) as work:
-        qfile = write_quarantine(bad, config.paths.quarantine_dir, path, Path(work))
+        staged = stage_quarantine(bad, config.paths.quarantine_dir, path, 0, Path(work))
         tmp = Path(work) / out.name
         clean.write_parquet(tmp)
+        staged.publish(occurrences=1)
+        qfile = staged.dest if staged.tmp is not None else None
         shutil.move(str(tmp), str(out))  # same directory: an atomic rename
     log.info("catalogue %s: %d items, %d quarantined -> %s", path, clean.height, bad.height, out)
     return CatalogueReport(str(path), raw.height, clean.height, quarantined, str(out),

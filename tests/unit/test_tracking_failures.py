@@ -201,11 +201,11 @@ def test_promotion_judges_the_given_version_and_the_alias_moves_by_compare_and_s
     evaluate = promotion._evaluate_version
     moved: list[str] = []
 
-    def meanwhile(config_, version, label, with_popular):
+    def meanwhile(config_, version, label, with_popular, **kwargs):
         if label == CHAMPION and not moved:
             client.set_registered_model_alias("cas", CHAMPION, v_strong)
             moved.append(v_strong)
-        return evaluate(config_, version, label, with_popular)
+        return evaluate(config_, version, label, with_popular, **kwargs)
 
     monkeypatch.setattr(promotion, "_evaluate_version", meanwhile)
     decision = promotion.promote(config, version=v_one)

@@ -286,7 +286,7 @@ def _args(root: Path) -> list[str]:
             "split.valid_days=2", "split.test_fraction=null", "tracking.system_metrics=false",
             "evaluate.knn_neighbours=20",
             f"tracking.tracking_uri=sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}",
-            "tracking.retries=1", "tracking.retry_backoff_seconds=0.05"]
+            "tracking.retry_window_seconds=1", "tracking.retry_backoff_seconds=0.05"]
 
 
 def test_parent_weight_averages_shared_weights_and_keeps_new_rows_as_tuned():
