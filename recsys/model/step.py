@@ -181,9 +181,11 @@ class SessionParallelTrainer:
         B = batch_size
         if self.track_seen:
             self.seen = torch.zeros(B, model.n_items, dtype=torch.bool, device=self.device)  # [B, n_items]
-        zeros = torch.zeros(B, dtype=torch.int64, device=self.device)  # [B]
+        # distinct tensors, as in training: the compiled code is specialised on which arguments alias
+        inputs = torch.zeros(B, dtype=torch.int64, device=self.device)  # [B]
+        targets = torch.zeros(B, dtype=torch.int64, device=self.device)  # [B]
         keep = torch.zeros(B, device=self.device)  # [B]
-        self.fast_step(zeros, zeros, keep, None, model.init_state(B, self.device))
+        self.fast_step(inputs, targets, keep, None, model.init_state(B, self.device))
         for dst, src in zip(self._mutable_tensors(), saved_tensors, strict=True):
             dst.copy_(src)
         opt.step_count, sampler_state, rng, self.seen = saved
