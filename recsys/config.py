@@ -180,7 +180,8 @@ class TrainConfig(Section):
     bpreg: float = Field(1.0, ge=0)
     elu_param: float = Field(0.5, ge=0)  # BPR-max: ELU on hidden output (0 = tanh), as in the 2018 paper
     logq: float = Field(0.0, ge=0)
-    # never use an item of the row's own history as a negative; None: as evaluate's exclude_seen rule
+    # never use an item of the row's own history as a negative; None: from the policy (on when it excludes
+    # every history item and the model learns no history bias)
     mask_seen_negatives: bool | None = None
     optimizer: Literal["adagrad_momentum", "adam"] = "adagrad_momentum"
     learning_rate: float = Field(0.05, gt=0)
@@ -201,10 +202,22 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     cutoffs: list[int] = [1, 5, 10, 20]
-    exclude_seen: bool | None = None  # None: on for whole-user sessions, off for gap sessions
     chunk_size: int = Field(2048, ge=1)  # queries scored against the full catalogue at once
     knn_neighbours: int = Field(200, ge=1)
     knn_lambda: float = Field(20.0, ge=0)  # shrinkage of the cosine similarity
+
+
+class PolicyConfig(Section):
+    """What may be recommended given the history: stored in the model, applied by every stage alike."""
+
+    # auto: from the split's record: all for whole-user sequences (rating logs), completed for sessions
+    exclude: Literal["auto", "none", "completed", "all"] = "auto"
+    # the episode after the latest one watched of each followed series stays eligible; None: on when a
+    # catalogue with series is found
+    continue_series: bool | None = None
+    catalogue: Path | None = None  # item_id, series_id, season, episode; None: raw/*/catalogue.parquet
+    partial_event_types: list[str] = ["partial"]  # event_type of unfinished watches (resumable)
+    override: bool = False  # rank a model under rules other than its stored ones (recorded)
 
 
 class TrackingConfig(Section):
@@ -238,7 +251,6 @@ class ScoreConfig(Section):
     top_k: int = Field(20, ge=1, le=1000)
     history_days: float | None = Field(None, gt=0)  # None: the whole history
     max_history: int = Field(50, ge=1)
-    exclude_seen: bool = True
     exclude_items_file: Path | None = None  # one item id per line: withdrawn from the catalogue
     # Histories encoded at once (length-sorted, padded). None: 1024 on CPU (fastest measured), 16384 on CUDA.
     user_batch_size: int | None = Field(None, ge=1)
@@ -273,6 +285,7 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    policy: PolicyConfig = PolicyConfig()
     tracking: TrackingConfig = TrackingConfig()
     promote: PromoteConfig = PromoteConfig()
     tune: TuneConfig = TuneConfig()

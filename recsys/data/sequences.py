@@ -77,13 +77,18 @@ def load_train_and_valid(train_path: Path, valid_path: Path, vocab: Vocab) -> Se
     training rows without a validation row are kept. Rows are matched by ``session_id``, or by
     ``user_id`` in split files without session ids (whole-user sequences).
     """
+    frame = train_and_valid_frame(train_path, valid_path)
+    return _to_sequence_set(frame.with_columns(pl.lit(0, dtype=pl.Int32).alias(N_CONTEXT)), vocab)
+
+
+def train_and_valid_frame(train_path: Path, valid_path: Path) -> pl.DataFrame:
+    """(key, user_id, items) of every sequence as the validation split sees it (see load_train_and_valid)."""
     names = set(pl.read_parquet_schema(train_path)) & set(pl.read_parquet_schema(valid_path))
     key = SESSION_ID if SESSION_ID in names else USER_ID
     columns = list(dict.fromkeys([key, USER_ID, ITEMS]))
     train = pl.read_parquet(train_path, columns=columns)
     valid = pl.read_parquet(valid_path, columns=columns)
-    frame = pl.concat([valid, train.join(valid.select(key), on=key, how="anti")])
-    return _to_sequence_set(frame.with_columns(pl.lit(0, dtype=pl.Int32).alias(N_CONTEXT)), vocab)
+    return pl.concat([valid, train.join(valid.select(key), on=key, how="anti")])
 
 
 def _to_sequence_set(frame: pl.DataFrame, vocab: Vocab) -> SequenceSet:
@@ -104,9 +109,11 @@ def _to_sequence_set(frame: pl.DataFrame, vocab: Vocab) -> SequenceSet:
     }
     new_lengths = np.bincount(seq_of[known], minlength=frame.height).astype(np.int64)
     new_context = np.bincount(seq_of[known & is_context], minlength=frame.height).astype(np.int64)
-    # A sequence whose history vanished: its first known item cannot be predicted.
-    orphan = (new_context == 0) & (new_lengths > 0) & (n_context > 0)
-    dropped["no_history"] = int(orphan.sum())
+    # A known target with no known item before it (its sequence's first known item, at a target position:
+    # the first item or the whole context was unknown) cannot be ranked: counted, never silently lost.
+    known_before = np.cumsum(known) - known  # [N] known items earlier in the flat array
+    first_known = known & (known_before == np.repeat(np.cumsum(new_lengths) - new_lengths, lengths))
+    dropped["no_history"] = int(np.sum(first_known & ~is_context & (pos_in_seq > 0)))
 
     offsets = np.zeros(frame.height + 1, dtype=np.int64)
     np.cumsum(new_lengths, out=offsets[1:])

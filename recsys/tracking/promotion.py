@@ -41,41 +41,52 @@ class PromotionDecision:
     challenger_metrics: dict[str, float] = field(default_factory=dict)
     champion_metrics: dict[str, float] = field(default_factory=dict)
     popular_metrics: dict[str, float] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)  # rules both sides were ranked under (+ override)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def gate_value(metrics: dict[str, float], metric: str) -> float:
-    """``metric`` over every test target: targets a model could not rank (items outside its vocabulary,
-    no known history) count as misses, so models with different vocabularies are compared fairly."""
-    from recsys.training.evaluate import LOST_TARGET_KEYS
-
-    value = float(metrics[metric])
-    n = float(metrics.get("n_queries", 0))
-    lost = sum(float(metrics.get(k, 0)) for k in LOST_TARGET_KEYS)
-    return value * n / (n + lost) if n + lost > 0 else 0.0
+    """``metric`` as the evaluation reports it: every metric is over all test targets (the ones a model
+    could not rank count as misses), so models with different vocabularies compare fairly and the gate
+    quotes the very figure the tables print."""
+    return float(metrics[metric])
 
 
 def _evaluate_version(
-    config: Config, version: Any, label: str, with_popular: bool
-) -> dict[str, dict[str, float]]:
-    """Test-split metrics of one registered version (and most-popular under the same vocabulary)."""
+    config: Config, version: Any, label: str, with_popular: bool, rules: dict[str, Any] | None = None
+) -> tuple[dict[str, dict[str, float]], dict[str, Any], str | None]:
+    """Test-split metrics of one registered version (and most-popular under the same vocabulary), the
+    rules of the policy it was ranked under, and the note when they are not its stored ones.
+
+    Every version is ranked under its stored policy; ``rules`` (the challenger's, for the champion) ranks
+    it under those instead, recorded in the note, so both sides of the gate answer the same question.
+    """
     from recsys.device import resolve_device
     from recsys.model.checkpoint import build_model, load_checkpoint
+    from recsys.model.policy import policy_for_model
     from recsys.model.recommender import GRU4RecRecommender
     from recsys.training.evaluate import evaluate_all
 
     resolved = resolve_model(config, f"models:/{version.name}/{version.version}")
     device = resolve_device(config.train.device)
     ckpt = load_checkpoint(resolved.checkpoint_path, map_location=device)
+    policy, note = policy_for_model(ckpt.policy, config, ckpt.vocab, f"{label} v{version.version}")
+    if rules is not None and policy.rules != rules:
+        forced = config.model_copy(deep=True)
+        forced.policy.exclude = rules["exclude"]
+        forced.policy.continue_series = rules["continue_series"]
+        forced.policy.override = True
+        policy, note = policy_for_model(ckpt.policy, forced, ckpt.vocab, f"{label} v{version.version}")
+        note = f"ranked under the challenger's policy ({note})"
     rec = GRU4RecRecommender(build_model(ckpt, device), device, name=label)
     rows = evaluate_all(config, config.paths.split_dir, {label: rec}, split="test",
-                        baselines=with_popular, vocab=ckpt.vocab, device=device)
+                        baselines=with_popular, vocab=ckpt.vocab, device=device, policy=policy)
     for value in rows[label].values():
         if isinstance(value, float) and math.isnan(value):
             raise ValueError(f"{label} produced NaN metrics")
-    return rows
+    return rows, policy.rules, note
 
 
 def _json_tag(metrics: dict[str, float]) -> str:
@@ -88,9 +99,9 @@ def decide(metric: str, min_improvement: float, challenger: dict[str, float], po
            champion: dict[str, float] | None, champion_version: str | None) -> tuple[bool, str]:
     """The gate: beat most-popular, and (when a champion exists) beat it by the relative margin.
 
-    Values in the reason are :func:`gate_value` (the metric over all test targets, marked ``[all]``).
+    Values in the reason are the metric as every table prints it (over all test targets).
     """
-    label = f"{metric}[all]"
+    label = metric
     c, p = gate_value(challenger, metric), gate_value(popular, metric)
     if not c > p:
         return False, f"challenger {label}={c:.4f} does not beat most-popular ({p:.4f})"
@@ -136,9 +147,10 @@ def promote(config: Config) -> PromotionDecision:
         decision.reason = f"version {challenger.version} is already the champion"
         return decision
     try:
-        rows = _evaluate_version(config, challenger, CHALLENGER, with_popular=True)
+        rows, rules, note = _evaluate_version(config, challenger, CHALLENGER, with_popular=True)
         decision.challenger_metrics = rows[CHALLENGER]
         decision.popular_metrics = rows[POPULAR]
+        decision.policy = {**rules, "override": note}
     except Exception as exc:  # anything wrong with the challenger's artifact keeps it out
         logger.exception("challenger version %s could not be evaluated", challenger.version)
         decision.reason = f"challenger v{challenger.version} could not be loaded or evaluated: {exc}"
@@ -147,8 +159,11 @@ def promote(config: Config) -> PromotionDecision:
     champion_note = ""
     if champion is not None:
         try:
-            decision.champion_metrics = _evaluate_version(config, champion, CHAMPION,
-                                                          with_popular=False)[CHAMPION]
+            champ_rows, _, champ_policy_note = _evaluate_version(config, champion, CHAMPION,
+                                                                 with_popular=False, rules=rules)
+            decision.champion_metrics = champ_rows[CHAMPION]
+            if champ_policy_note:
+                champion_note = f" (champion {champ_policy_note})"
         except Exception as exc:
             logger.exception("champion version %s could not be evaluated", champion.version)
             champion_note = (f" (champion v{champion.version} could not be evaluated: {exc}; "
@@ -183,6 +198,7 @@ def _record(store: TrackingStore, config: Config, name: str, decision: Promotion
         "promotion.challenger_metrics": _json_tag(decision.challenger_metrics),
         "promotion.champion_metrics": _json_tag(decision.champion_metrics),
         "promotion.popular_metrics": _json_tag(decision.popular_metrics),
+        "promotion.policy": json.dumps(decision.policy, sort_keys=True)[:TAG_VALUE_LIMIT],
         "promotion.split_snapshot": snapshot_hash(config.paths.split_dir),
         "promotion.evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

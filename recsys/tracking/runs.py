@@ -161,21 +161,26 @@ def _start_run(config: Config, store: TrackingStore, split_dir: Path, checkpoint
         log_system_metrics=config.tracking.system_metrics, tags=tags,
     )
     try:
-        mlflow.log_params(flatten_config(config) | resolved_params(config), run_id=run.info.run_id)
+        mlflow.log_params(flatten_config(config) | resolved_params(config, split_dir), run_id=run.info.run_id)
     except Exception:
         mlflow.end_run(status="FAILED")
         raise
     return run.info.run_id
 
 
-def resolved_params(config: Config) -> dict[str, str]:
-    """The values that ``null`` (automatic) settings resolved to for this run, as MLflow params."""
-    from recsys.training.evaluate import resolve_exclude_seen
-    from recsys.training.train import resolve_mask_seen
+def resolved_params(config: Config, split_dir: Path | None = None) -> dict[str, str]:
+    """The values that automatic settings resolved to for this run (the policy from the split's record),
+    as MLflow params."""
+    from recsys.data.vocab import Vocab
+    from recsys.model.policy import resolve_mask_seen, resolve_policy
+    from recsys.schemas import VOCAB_FILE
 
+    split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
+    policy = resolve_policy(config, Vocab.load(split_dir / VOCAB_FILE), split_dir)
     return {
-        "resolved.evaluate.exclude_seen": str(resolve_exclude_seen(config)),
-        "resolved.train.mask_seen_negatives": str(resolve_mask_seen(config)),
+        "resolved.policy.exclude": policy.exclude,
+        "resolved.policy.continue_series": str(policy.continues),
+        "resolved.train.mask_seen_negatives": str(resolve_mask_seen(config, policy)),
     }
 
 
