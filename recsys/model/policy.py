@@ -246,9 +246,11 @@ def resolve_policy(config: Config, vocab: Vocab, split_dir: Path | None = None) 
     source: dict[str, Any] = {"sessions_mode": mode, "protocol": built.get("protocol")}
     exclude = pc.exclude
     if exclude == "auto":
-        if mode is None:
-            raise ValueError("policy.exclude=auto needs the split's record of how its sequences were built "
-                             "(stats.json); rerun `recsys split` or set policy.exclude")
+        if mode is None:  # a split without its record (hand-made, or older than the record)
+            mode = config.sessions.mode
+            log.warning("the split has no record of how its sequences were built (stats.json): taking "
+                        "sessions.mode=%s from the config for policy.exclude=auto", mode)
+            source["sessions_mode"] = f"{mode} (config: the split has no record)"
         exclude = "all" if mode == "user" else "completed"
         source["exclude"] = f"auto from sessions.mode={mode}"
     next_item = series = None
