@@ -68,6 +68,21 @@ def _label(item_id: Any, titles: pl.DataFrame | None) -> str:
     return f"{row['title'][0]}{genre}"
 
 
+def rewatchers(events: pl.LazyFrame, catalogue: Path | None, limit: int = 1) -> list[Any]:
+    """Viewers whose latest watch is an episode of a series they had already watched further into: a
+    re-watch, where the list should continue with the next episode, not skip what was seen years ago."""
+    if catalogue is None or not Path(catalogue).is_file():
+        return []
+    cat = (pl.scan_parquet(catalogue).select(ITEM_ID, "series_id", "episode")
+           .filter(pl.col("series_id").is_not_null()))
+    watched = events.select(USER_ID, ITEM_ID, TS).join(cat, on=ITEM_ID)
+    last = watched.sort(TS).group_by(USER_ID).last()
+    furthest = watched.group_by(USER_ID, "series_id").agg(pl.col("episode").max().alias("furthest"))
+    found = (last.join(furthest, on=[USER_ID, "series_id"])
+             .filter(pl.col("furthest") > pl.col("episode") + 1).sort(USER_ID).head(limit).collect())
+    return found[USER_ID].to_list()
+
+
 def champion_vs_popular(train: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The champion's test metrics beside most-popular (and item-kNN) on the same holdout."""
     decision = train.get("decision") or {}
@@ -104,8 +119,12 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
     catalogue = summary.get("catalogue") or (found[0] if found else None)
     titles = _titles(Path(catalogue) if catalogue else None)
     events = pl.scan_parquet(str(config.paths.events_dir / "**" / "*.parquet"), hive_partitioning=False)
-    users = recs.filter(pl.col(SOURCE) == "model")[USER_ID].unique(maintain_order=True).head(n_users)
-    for user in users.to_list():
+    model_users = recs.filter(pl.col(SOURCE) == "model")[USER_ID].unique(maintain_order=True)
+    users = model_users.head(n_users).to_list()
+    scored = set(recs[USER_ID].unique().to_list())
+    again = rewatchers(events, Path(catalogue) if catalogue else None)
+    users += [u for u in again if u in scored and u not in users]
+    for user in users:
         recent = (events.filter(pl.col(USER_ID) == user).sort(TS).select(ITEM_ID).tail(3).collect()[ITEM_ID])
         table = Table(title=f"user {user}", title_justify="left", show_edge=False)
         table.add_column("#", justify="right")
@@ -115,6 +134,7 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
             table.add_row(str(row[RANK]), _label(row[ITEM_ID], titles), f"{row['score']:.3f}")
         console.print("recently watched: " + " → ".join(_label(i, titles) for i in recent.to_list()))
         console.print(table)
+    console.print(f"recommendation policy (stored in the model): {score.get('policy')}")
 
     metrics = Table(title="champion vs baselines (test split, full-catalogue ranking)", title_justify="left")
     metrics.add_column("model")
