@@ -167,6 +167,8 @@ class ModelConfig(Section):
     embedding_dim: int = Field(0, ge=0)  # separate embedding only; 0 means hidden_size
     dropout_embed: float = Field(0.0, ge=0, lt=1)
     dropout_hidden: float = Field(0.0, ge=0, lt=1)
+    # hidden dropout also on the state carried to the next step (the published code's behaviour)
+    dropout_state: bool = False
     # learned score offset for items already in the sequence (repeat consumption; 0 init, trained)
     history_bias: bool = False
 
@@ -178,8 +180,16 @@ class TrainConfig(Section):
     sample_alpha: float = Field(0.5, ge=0, le=1)
     sample_store_batches: int = Field(10, ge=1)  # negatives drawn in bulk for this many steps at once
     bpreg: float = Field(1.0, ge=0)
-    elu_param: float = Field(0.5, ge=0)  # BPR-max: ELU on hidden output (0 = tanh), as in the 2018 paper
+    elu_param: float = Field(0.5, ge=0)  # BPR-max: ELU on the scores (0 = none), as in the published code
     logq: float = Field(0.0, ge=0)
+    # logQ of the in-batch target columns: sampling = popularity^alpha like the extra samples; count = the
+    # item's training count (the published code; extra samples keep count^alpha)
+    logq_targets: Literal["sampling", "count"] = "sampling"
+    # a column holding the row's own target item (a repeated target, a sample equal to it) is no negative;
+    # false keeps it, as the published code does
+    mask_duplicate_targets: bool = True
+    # shuffle: a new seeded order every epoch | start_time: by first event time, every epoch (published)
+    epoch_order: Literal["shuffle", "start_time"] = "shuffle"
     # never use an item of the row's own history as a negative; None: from the policy (on when it excludes
     # every history item and the model learns no history bias)
     mask_seen_negatives: bool | None = None

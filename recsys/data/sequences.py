@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.vocab import Vocab
-from recsys.schemas import ITEMS, N_CONTEXT, SESSION_ID, USER_ID
+from recsys.schemas import ITEMS, N_CONTEXT, SESSION_ID, START_TS, USER_ID
 
 
 @dataclass
@@ -31,6 +31,7 @@ class SequenceSet:
     n_context: np.ndarray  # [S] int64 leading history-only positions
     user_ids: pl.Series  # [S] original user id of each sequence
     dropped: dict[str, int] = field(default_factory=dict)  # what was removed on load, by reason
+    start_ts: np.ndarray | None = None  # [S] int64 first-event time (µs) when the file has start_ts
 
     @property
     def n_sequences(self) -> int:
@@ -67,7 +68,8 @@ def load_sequences(path: Path, vocab: Vocab) -> SequenceSet:
     cannot be ranked (counted as ``unseen_target``), an unknown history item cannot be fed
     (``unseen_context``). A target left without any history is counted as ``no_history``.
     """
-    return _to_sequence_set(pl.read_parquet(path, columns=[USER_ID, ITEMS, N_CONTEXT]), vocab)
+    extra = [START_TS] if START_TS in pl.read_parquet_schema(path) else []
+    return _to_sequence_set(pl.read_parquet(path, columns=[USER_ID, ITEMS, N_CONTEXT, *extra]), vocab)
 
 
 def load_train_and_valid(train_path: Path, valid_path: Path, vocab: Vocab) -> SequenceSet:
@@ -85,7 +87,7 @@ def train_and_valid_frame(train_path: Path, valid_path: Path) -> pl.DataFrame:
     """(key, user_id, items) of every sequence as the validation split sees it (see load_train_and_valid)."""
     names = set(pl.read_parquet_schema(train_path)) & set(pl.read_parquet_schema(valid_path))
     key = SESSION_ID if SESSION_ID in names else USER_ID
-    columns = list(dict.fromkeys([key, USER_ID, ITEMS]))
+    columns = list(dict.fromkeys([key, USER_ID, ITEMS] + ([START_TS] if START_TS in names else [])))
     train = pl.read_parquet(train_path, columns=columns)
     valid = pl.read_parquet(valid_path, columns=columns)
     return pl.concat([valid, train.join(valid.select(key), on=key, how="anti")])
@@ -123,4 +125,5 @@ def _to_sequence_set(frame: pl.DataFrame, vocab: Vocab) -> SequenceSet:
         n_context=new_context,
         user_ids=frame[USER_ID],
         dropped=dropped,
+        start_ts=frame[START_TS].dt.epoch("us").to_numpy() if START_TS in frame.columns else None,
     )
