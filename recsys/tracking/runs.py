@@ -176,6 +176,8 @@ def resolved_params(config: Config, split_dir: Path | None = None) -> dict[str, 
     from recsys.schemas import VOCAB_FILE
 
     split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
+    if not (split_dir / VOCAB_FILE).is_file():
+        return {}  # training itself reports the missing split
     policy = resolve_policy(config, Vocab.load(split_dir / VOCAB_FILE), split_dir)
     return {
         "resolved.policy.exclude": policy.exclude,
