@@ -140,8 +140,14 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
     metrics.add_column("model")
     for name in SHOWN_METRICS:
         metrics.add_column(name, justify="right")
-    for model, values in champion_vs_popular(summary["train"]).items():
+    rows = champion_vs_popular(summary["train"])
+    for model, values in rows.items():
         metrics.add_row(model, *(fmt(values.get(m)) for m in SHOWN_METRICS))
+    counted = next((m for m in rows.values() if "n_queries" in m), None)
+    if counted is not None:
+        from recsys.training.evaluate import target_line
+
+        metrics.caption = f"{target_line(counted)} (metrics over all targets, as the gate compares them)"
     console.print(metrics)
     decision = summary["train"].get("decision") or {}
     console.print(f"promotion: {'promoted' if decision.get('promoted') else 'not promoted'} — "
