@@ -95,8 +95,8 @@ def _events(history: list[int]) -> pl.DataFrame:
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     other = [(USER + 1, 104, t0), (USER + 1, 105, t0 + timedelta(hours=1))]
     rows = [(USER, item, t0 + timedelta(hours=i)) for i, item in enumerate(history)] + other
-    return pl.DataFrame(rows, schema={"user_id": pl.Int64, "item_id": pl.Int64, "ts": pl.Datetime("us", "UTC")},
-                        orient="row").with_columns(pl.lit("complete").alias("event_type"))
+    schema = {"user_id": pl.Int64, "item_id": pl.Int64, "ts": pl.Datetime("us", "UTC")}
+    return pl.DataFrame(rows, schema=schema, orient="row").with_columns(pl.lit("complete").alias("event_type"))
 
 
 @pytest.mark.parametrize("exclude", ["all", "none"])
@@ -127,7 +127,8 @@ def test_evaluation_gate_scoring_and_pyfunc_rank_one_user_identically(tmp_path, 
 
     # the reference: the model's scores for the history, the policy's rules written out by hand
     with torch.no_grad():
-        raw = model.score_items(model.final_states(torch.from_numpy(idx)[None], torch.tensor([len(idx)])))[0]
+        states = model.final_states(torch.from_numpy(idx.copy())[None], torch.tensor([len(idx)]))  # [1, H]
+        raw = model.score_items(states)[0]  # [n_items]
     want = raw.clone()
     for i in set(idx.tolist()):
         want[i] = -np.inf if exclude == "all" else raw[i] + model.history_bias

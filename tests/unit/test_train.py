@@ -5,8 +5,8 @@ from model_data import cyclic_sequences, write_split_dir
 import recsys.model.step as step_module
 from recsys.config import load_config
 from recsys.model.checkpoint import load_checkpoint
-from recsys.training.epochs import _cpu_threads
 from recsys.model.policy import Policy, resolve_mask_seen
+from recsys.training.epochs import _cpu_threads
 from recsys.training.train import NonFiniteLossError, train_model
 
 TINY = [
