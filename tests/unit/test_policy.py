@@ -96,7 +96,8 @@ def _events(history: list[int]) -> pl.DataFrame:
     other = [(USER + 1, 104, t0), (USER + 1, 105, t0 + timedelta(hours=1))]
     rows = [(USER, item, t0 + timedelta(hours=i)) for i, item in enumerate(history)] + other
     schema = {"user_id": pl.Int64, "item_id": pl.Int64, "ts": pl.Datetime("us", "UTC")}
-    return pl.DataFrame(rows, schema=schema, orient="row").with_columns(pl.lit("complete").alias("event_type"))
+    frame = pl.DataFrame(rows, schema=schema, orient="row")
+    return frame.with_columns(pl.lit("complete").alias("event_type"))
 
 
 @pytest.mark.parametrize("exclude", ["all", "none"])
