@@ -50,14 +50,17 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run(split_dir: Path, root: Path, profile: str | None, seeds: list[int], epochs: int, log) -> list[dict]:
+def run(split_dir: Path, root: Path, profile: str | None, seeds: list[int], epochs: int, log,
+        variants: list[int] | None = None) -> list[dict]:
     from recsys.model.checkpoint import build_model, load_checkpoint
     from recsys.model.recommender import GRU4RecRecommender
     from recsys.training.evaluate import evaluate_all
     from recsys.training.train import train_model
 
     rows = []
-    for name, extra in VARIANTS:
+    for i, (name, extra) in enumerate(VARIANTS):
+        if variants is not None and i not in variants:
+            continue
         metrics = []
         for seed in seeds:
             cfg = bench_config(root, "temporal", [*PROTOCOL, f"train.epochs={epochs}", f"train.seed={seed}",
@@ -86,7 +89,9 @@ def main() -> None:
     parser.add_argument("--synthetic-events", type=int, default=100_000)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--variants", default=None, help="indices into VARIANTS, e.g. 0,3,4 (default: all)")
     args = parser.parse_args()
+    chosen = [int(v) for v in args.variants.split(",")] if args.variants else None
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     seeds = list(range(1, args.seeds + 1))
     result: dict = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"), "load_start": load_avg(),
@@ -100,7 +105,7 @@ def main() -> None:
             else:  # the synthetic viewing logs, conf/ defaults (gap sessions, temporal split)
                 split_dir, profile = prepare_synthetic(root, args.synthetic_events), None
             log(f"{dataset} (load {load_avg()})")
-            result[dataset] = run(split_dir, root, profile, seeds, args.epochs, log)
+            result[dataset] = run(split_dir, root, profile, seeds, args.epochs, log, chosen)
     result["load_end"] = load_avg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
