@@ -142,6 +142,21 @@ def _label(item_id: Any, titles: pl.DataFrame | None) -> str:
     return f"{row['title'][0]}{genre}"
 
 
+def rewatchers(events: pl.LazyFrame, catalogue: Path | None, limit: int = 1) -> list[Any]:
+    """Viewers whose latest watch is an episode of a series they had already watched further into: a
+    re-watch, where the list should continue with the next episode, not skip what was seen years ago."""
+    if catalogue is None or not Path(catalogue).is_file():
+        return []
+    cat = (pl.scan_parquet(catalogue).select(ITEM_ID, "series_id", "episode")
+           .filter(pl.col("series_id").is_not_null()))
+    watched = events.select(USER_ID, ITEM_ID, TS).join(cat, on=ITEM_ID)
+    last = watched.sort(TS).group_by(USER_ID).last()
+    furthest = watched.group_by(USER_ID, "series_id").agg(pl.col("episode").max().alias("furthest"))
+    found = (last.join(furthest, on=[USER_ID, "series_id"])
+             .filter(pl.col("furthest") > pl.col("episode") + 1).sort(USER_ID).head(limit).collect())
+    return found[USER_ID].to_list()
+
+
 def champion_vs_popular(train: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The champion's test metrics beside most-popular (and item-kNN) on the same holdout."""
     decision = train.get("decision") or {}
@@ -180,8 +195,12 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
                  or (found[0] if found else None))
     titles = _titles(Path(catalogue) if catalogue else None)
     events = scan_events(config.paths.events_dir)
-    users = recs.filter(pl.col(SOURCE) == "model")[USER_ID].unique(maintain_order=True).head(n_users)
-    for user in users.to_list():
+    model_users = recs.filter(pl.col(SOURCE) == "model")[USER_ID].unique(maintain_order=True)
+    users = model_users.head(n_users).to_list()
+    scored = set(recs[USER_ID].unique().to_list())
+    again = rewatchers(events, Path(catalogue) if catalogue else None)
+    users += [u for u in again if u in scored and u not in users]
+    for user in users:
         recent = (events.filter(pl.col(USER_ID) == user).sort(TS).select(ITEM_ID).tail(3).collect()[ITEM_ID])
         table = Table(title=f"user {user}", title_justify="left", show_edge=False)
         table.add_column("#", justify="right")
@@ -191,13 +210,20 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
             table.add_row(str(row[RANK]), _label(row[ITEM_ID], titles), f"{row['score']:.3f}")
         console.print("recently watched: " + " → ".join(_label(i, titles) for i in recent.to_list()))
         console.print(table)
+    console.print(f"recommendation policy (stored in the model): {score.get('policy')}")
 
     metrics = Table(title="champion vs baselines (test split, full-catalogue ranking)", title_justify="left")
     metrics.add_column("model")
     for name in SHOWN_METRICS:
         metrics.add_column(name, justify="right")
-    for model, values in champion_vs_popular(summary["train"]).items():
+    rows = champion_vs_popular(summary["train"])
+    for model, values in rows.items():
         metrics.add_row(model, *(fmt(values.get(m)) for m in SHOWN_METRICS))
+    counted = next((m for m in rows.values() if "n_queries" in m), None)
+    if counted is not None:
+        from recsys.training.evaluate import target_line
+
+        metrics.caption = f"{target_line(counted)} (metrics over all targets, as the gate compares them)"
     console.print(metrics)
     decision = summary["train"].get("decision") or {}
     console.print(f"promotion: {'promoted' if decision.get('promoted') else 'not promoted'} — "

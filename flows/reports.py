@@ -26,6 +26,11 @@ def models_table(models: Mapping[str, Mapping[str, Any]]) -> str:
         f"| {name} | " + " | ".join(fmt(metrics.get(c)) for c in columns) + " |\n"
         for name, metrics in models.items()
     )
+    counted = next((m for m in models.values() if "n_queries" in m), None)
+    if counted is not None:  # how every target was counted (the metrics are over all of them)
+        from recsys.training.evaluate import target_line
+
+        body += f"\n{target_line(counted)} (metrics over all targets)\n"
     return head + body
 
 

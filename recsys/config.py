@@ -184,6 +184,8 @@ class ModelConfig(Section):
     embedding_dim: int = Field(0, ge=0)  # separate embedding only; 0 means hidden_size
     dropout_embed: float = Field(0.0, ge=0, lt=1)
     dropout_hidden: float = Field(0.0, ge=0, lt=1)
+    # hidden dropout also on the state carried to the next step (the published code's behaviour)
+    dropout_state: bool = False
     # learned score offset for items already in the sequence (repeat consumption; 0 init, trained)
     history_bias: bool = False
 
@@ -195,9 +197,18 @@ class TrainConfig(Section):
     sample_alpha: float = Field(0.5, ge=0, le=1)
     sample_store_batches: int = Field(10, ge=1)  # negatives drawn in bulk for this many steps at once
     bpreg: float = Field(1.0, ge=0)
-    elu_param: float = Field(0.5, ge=0)  # BPR-max: ELU on hidden output (0 = tanh), as in the 2018 paper
+    elu_param: float = Field(0.5, ge=0)  # BPR-max: ELU on the scores (0 = none), as in the published code
     logq: float = Field(0.0, ge=0)
-    # never use an item of the row's own history as a negative; None: as evaluate's exclude_seen rule
+    # logQ of the in-batch target columns: sampling = popularity^alpha like the extra samples; count = the
+    # item's training count (the published code; extra samples keep count^alpha)
+    logq_targets: Literal["sampling", "count"] = "sampling"
+    # a column holding the row's own target item (a repeated target, a sample equal to it) is no negative;
+    # false keeps it, as the published code does
+    mask_duplicate_targets: bool = True
+    # shuffle: a new seeded order every epoch | start_time: by first event time, every epoch (published)
+    epoch_order: Literal["shuffle", "start_time"] = "shuffle"
+    # never use an item of the row's own history as a negative; None: from the policy (on when it excludes
+    # every history item and the model learns no history bias)
     mask_seen_negatives: bool | None = None
     optimizer: Literal["adagrad_momentum", "adam"] = "adagrad_momentum"
     learning_rate: float = Field(0.05, gt=0)
@@ -249,10 +260,22 @@ class SlicesConfig(Section):
 class EvaluateConfig(Section):
     slices: SlicesConfig = SlicesConfig()
     cutoffs: list[int] = [1, 5, 10, 20]
-    exclude_seen: bool | None = None  # None: on for whole-user sessions, off for gap sessions
     chunk_size: int = Field(2048, ge=1)  # queries scored against the full catalogue at once
     knn_neighbours: int = Field(200, ge=1)
     knn_lambda: float = Field(20.0, ge=0)  # shrinkage of the cosine similarity
+
+
+class PolicyConfig(Section):
+    """What may be recommended given the history: stored in the model, applied by every stage alike."""
+
+    # auto: from the split's record: all for whole-user sequences (rating logs), completed for sessions
+    exclude: Literal["auto", "none", "completed", "all"] = "auto"
+    # the episode after the latest one watched of each followed series stays eligible; None: on when a
+    # catalogue with series is found
+    continue_series: bool | None = None
+    catalogue: Path | None = None  # item_id, series_id, season, episode; None: raw/*/catalogue.parquet
+    partial_event_types: list[str] = ["partial"]  # event_type of unfinished watches (resumable)
+    override: bool = False  # rank a model under rules other than its stored ones (recorded)
 
 
 class TrackingConfig(Section):
@@ -327,7 +350,6 @@ class ScoreConfig(Section):
     top_k: int = Field(20, ge=1, le=1000)
     history_days: float | None = Field(None, gt=0)  # None: the whole history
     max_history: int = Field(50, ge=1)
-    exclude_seen: bool = True
     exclude_items_file: Path | None = None  # one item id per line: withdrawn from the catalogue
     # Histories encoded at once (length-sorted, padded). None: 1024 on CPU (fastest measured), 16384 on CUDA.
     user_batch_size: int | None = Field(None, ge=1)
@@ -378,6 +400,7 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    policy: PolicyConfig = PolicyConfig()
     tracking: TrackingConfig = TrackingConfig()
     promote: PromoteConfig = PromoteConfig()
     tune: TuneConfig = TuneConfig()

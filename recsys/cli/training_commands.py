@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from recsys.cli.common import ConfOption, SetOption, app, console, fail, load_cli_config
 from recsys.config import Config
@@ -40,7 +41,6 @@ def train(
     set_: SetOption = None,
 ) -> None:
     """Train GRU4Rec (checkpoint every epoch, early stopping), then test it against both baselines."""
-    from recsys.training.evaluate import resolve_exclude_seen
     from recsys.training.metric_table import metrics_table
     from recsys.training.train import NonFiniteLossError, train_model
 
@@ -53,7 +53,7 @@ def train(
     except (FileNotFoundError, ValueError, NonFiniteLossError, RuntimeError) as exc:
         raise fail(str(exc)) from None
     rows = {"gru4rec": result.test_metrics, **result.baseline_metrics}
-    table = metrics_table(rows, config.evaluate.cutoffs, "test", resolve_exclude_seen(config))
+    table = metrics_table(rows, config.evaluate.cutoffs, "test", result.policy)
     (console if console.is_terminal else Console(width=max(console.width, 120))).print(table)
     last = result.history[-1] if result.history else {}
     refit = f", then refit on train + valid for {result.refit_epochs} epochs" if result.refit_epochs else ""
@@ -81,7 +81,8 @@ def evaluate(
     import json
 
     from recsys.device import resolve_device
-    from recsys.training.evaluate import evaluate_all, resolve_exclude_seen
+    from recsys.model.policy import PolicyMismatchError, policy_for_model
+    from recsys.training.evaluate import evaluate_all
     from recsys.training.metric_table import metrics_table
 
     config = load_cli_config(conf, set_)
@@ -91,7 +92,7 @@ def evaluate(
         dev = resolve_device(device or config.train.device)
     except RuntimeError as exc:
         raise fail(str(exc)) from None
-    recommenders, vocab = {}, None
+    recommenders, vocab, policy, override = {}, None, None, None
     if checkpoint is not None:
         from recsys.model.checkpoint import build_model, load_checkpoint
         from recsys.model.recommender import GRU4RecRecommender
@@ -100,19 +101,34 @@ def evaluate(
             raise fail(f"checkpoint {checkpoint} does not exist")
         ckpt = load_checkpoint(checkpoint)
         vocab = ckpt.vocab
+        try:  # the model is ranked under the policy it was trained with; another one only on override
+            policy, override = policy_for_model(ckpt.policy, config, vocab, f"evaluating {checkpoint}")
+        except PolicyMismatchError as exc:
+            raise fail(str(exc)) from None
         recommenders["gru4rec"] = GRU4RecRecommender(build_model(ckpt, dev), dev)
     try:
-        rows = evaluate_all(config, split_dir, recommenders, split=split, vocab=vocab, device=dev)
+        if policy is None:  # baselines only: the config's policy over the split's vocabulary
+            from recsys.data.vocab import Vocab
+            from recsys.model.policy import resolve_policy
+            from recsys.schemas import VOCAB_FILE
+
+            where = split_dir or config.paths.split_dir
+            if not (where / VOCAB_FILE).exists():
+                raise FileNotFoundError(f"{where / VOCAB_FILE} is missing: run the split stage first")
+            policy = resolve_policy(config, Vocab.load(where / VOCAB_FILE), where)
+        rows = evaluate_all(config, split_dir, recommenders, split=split, vocab=vocab, device=dev,
+                            policy=policy)
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
-    exclude_seen = resolve_exclude_seen(config)
-    table = metrics_table(rows, config.evaluate.cutoffs, split, exclude_seen)
+    table = metrics_table(rows, config.evaluate.cutoffs, split, policy.describe())
+    if override:
+        console.print(f"[bold]{escape(override)}[/bold]")
     # Piped output (logs, CI) is not cut to 80 columns; a terminal shows what fits.
     (console if console.is_terminal else Console(width=max(console.width, 120))).print(table)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         report = {"split": split, "checkpoint": str(checkpoint) if checkpoint else None,
-                  "exclude_seen": exclude_seen, "rows": rows}
+                  "policy": {**policy.rules, "override": override}, "rows": rows}
         json_out.write_text(json.dumps(report, indent=2))
         console.print(f"metrics written to {json_out}")
 

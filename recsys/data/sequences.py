@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.vocab import Vocab
-from recsys.schemas import ITEMS, N_CONTEXT, SESSION_ID, USER_ID
+from recsys.schemas import ITEMS, N_CONTEXT, SESSION_ID, START_TS, USER_ID
 
 
 @dataclass
@@ -31,6 +31,7 @@ class SequenceSet:
     n_context: np.ndarray  # [S] int64 leading history-only positions
     user_ids: pl.Series  # [S] original user id of each sequence
     dropped: dict[str, int] = field(default_factory=dict)  # what was removed on load, by reason
+    start_ts: np.ndarray | None = None  # [S] int64 first-event time (µs) when the file has start_ts
 
     @property
     def n_sequences(self) -> int:
@@ -67,7 +68,8 @@ def load_sequences(path: Path, vocab: Vocab) -> SequenceSet:
     cannot be ranked (counted as ``unseen_target``), an unknown history item cannot be fed
     (``unseen_context``). A target left without any history is counted as ``no_history``.
     """
-    return _to_sequence_set(pl.read_parquet(path, columns=[USER_ID, ITEMS, N_CONTEXT]), vocab)
+    extra = [START_TS] if START_TS in pl.read_parquet_schema(path) else []
+    return _to_sequence_set(pl.read_parquet(path, columns=[USER_ID, ITEMS, N_CONTEXT, *extra]), vocab)
 
 
 def load_train_and_valid(train_path: Path, valid_path: Path, vocab: Vocab) -> SequenceSet:
@@ -77,13 +79,18 @@ def load_train_and_valid(train_path: Path, valid_path: Path, vocab: Vocab) -> Se
     training rows without a validation row are kept. Rows are matched by ``session_id``, or by
     ``user_id`` in split files without session ids (whole-user sequences).
     """
+    frame = train_and_valid_frame(train_path, valid_path)
+    return _to_sequence_set(frame.with_columns(pl.lit(0, dtype=pl.Int32).alias(N_CONTEXT)), vocab)
+
+
+def train_and_valid_frame(train_path: Path, valid_path: Path) -> pl.DataFrame:
+    """(key, user_id, items) of every sequence as the validation split sees it (see load_train_and_valid)."""
     names = set(pl.read_parquet_schema(train_path)) & set(pl.read_parquet_schema(valid_path))
     key = SESSION_ID if SESSION_ID in names else USER_ID
-    columns = list(dict.fromkeys([key, USER_ID, ITEMS]))
+    columns = list(dict.fromkeys([key, USER_ID, ITEMS] + ([START_TS] if START_TS in names else [])))
     train = pl.read_parquet(train_path, columns=columns)
     valid = pl.read_parquet(valid_path, columns=columns)
-    frame = pl.concat([valid, train.join(valid.select(key), on=key, how="anti")])
-    return _to_sequence_set(frame.with_columns(pl.lit(0, dtype=pl.Int32).alias(N_CONTEXT)), vocab)
+    return pl.concat([valid, train.join(valid.select(key), on=key, how="anti")])
 
 
 def _to_sequence_set(frame: pl.DataFrame, vocab: Vocab) -> SequenceSet:
@@ -104,9 +111,11 @@ def _to_sequence_set(frame: pl.DataFrame, vocab: Vocab) -> SequenceSet:
     }
     new_lengths = np.bincount(seq_of[known], minlength=frame.height).astype(np.int64)
     new_context = np.bincount(seq_of[known & is_context], minlength=frame.height).astype(np.int64)
-    # A sequence whose history vanished: its first known item cannot be predicted.
-    orphan = (new_context == 0) & (new_lengths > 0) & (n_context > 0)
-    dropped["no_history"] = int(orphan.sum())
+    # A known target with no known item before it (its sequence's first known item, at a target position:
+    # the first item or the whole context was unknown) cannot be ranked: counted, never silently lost.
+    known_before = np.cumsum(known) - known  # [N] known items earlier in the flat array
+    first_known = known & (known_before == np.repeat(np.cumsum(new_lengths) - new_lengths, lengths))
+    dropped["no_history"] = int(np.sum(first_known & ~is_context & (pos_in_seq > 0)))
 
     offsets = np.zeros(frame.height + 1, dtype=np.int64)
     np.cumsum(new_lengths, out=offsets[1:])
@@ -116,4 +125,5 @@ def _to_sequence_set(frame: pl.DataFrame, vocab: Vocab) -> SequenceSet:
         n_context=new_context,
         user_ids=frame[USER_ID],
         dropped=dropped,
+        start_ts=frame[START_TS].dt.epoch("us").to_numpy() if START_TS in frame.columns else None,
     )

@@ -122,6 +122,7 @@ def split_sessions(
         sessions_stage = read_json(sessions_dir / SESSIONS_STATS_FILE) or {}
         ingest = sessions_stage.pop("ingest", None)  # the report the sessions stage saw beside its events
         stats["sessions_stage"] = sessions_stage or None
+        stats["sequences_built"] = sequences_built(config, sessions_stage, stats)
         stats["ingest"] = ingest or find_ingest_report(config.paths.events_dir)
         elapsed = time.perf_counter() - started
         n_events = stats["sequences"]["events"]
@@ -135,6 +136,21 @@ def split_sessions(
     log.info("split (%s): %s -> %s in %.1f s", stats["protocol"],
              {k: v["sequences"] for k, v in stats["splits"].items()}, out_dir, elapsed)
     return stats
+
+
+def sequences_built(config: Config, sessions_stage: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """How these sequences were built: what later stages (the recommendation policy) read, never a flag
+    repeated by hand. The sessions mode is the one the sessions stage recorded (the config's when the
+    sessions directory holds no record)."""
+    sessions = config.sessions.model_dump(mode="json")
+    if sessions_stage.get("mode"):
+        sessions["mode"] = sessions_stage["mode"]
+    return {
+        "sessions": sessions,
+        "protocol": config.split.protocol,
+        "valid_cutoff": stats.get("valid_cutoff"),
+        "test_cutoff": stats.get("test_cutoff"),
+    }
 
 
 class _SplitWriters:

@@ -86,10 +86,14 @@ def assign_slots(n_steps: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndar
     return slot, start
 
 
-def plan_epoch(seqs: SequenceSet, batch_size: int, rng: np.random.Generator | None) -> EpochPlan:
-    """Build one epoch's step arrays; ``rng`` shuffles the sequence order (None keeps file order)."""
+def plan_epoch(seqs: SequenceSet, batch_size: int, rng: np.random.Generator | None,
+               by_start_time: bool = False) -> EpochPlan:
+    """Build one epoch's step arrays; ``rng`` shuffles the sequence order (None keeps file order);
+    ``by_start_time`` orders by first-event time instead (``train.epoch_order=start_time``)."""
     starts, n_steps = training_sequences(seqs)  # [S], [S]
     order = rng.permutation(len(starts)) if rng is not None else np.arange(len(starts))
+    if by_start_time and seqs.start_ts is not None:
+        order = np.argsort(seqs.start_ts[seqs.lengths >= 2], kind="stable")
     starts, n_steps = starts[order], n_steps[order]
     B = max(1, min(batch_size, len(starts)))
     slot, t0 = assign_slots(n_steps, B)  # [S], [S]

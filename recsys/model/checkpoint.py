@@ -22,6 +22,7 @@ import torch
 from recsys.config import Config, recorded_config
 from recsys.data.vocab import Vocab
 from recsys.model.gru4rec import GRU4Rec
+from recsys.model.policy import Policy
 from recsys.schemas import COUNT, IDX, ITEM_ID, VOCAB_IDX_DTYPE
 
 FORMAT_VERSION = 1
@@ -41,6 +42,7 @@ class Checkpoint:
     epoch: int
     metrics: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    policy: Policy = field(default_factory=Policy)  # the recommendation rules it was trained and gated with
 
     @property
     def n_items(self) -> int:
@@ -82,8 +84,12 @@ def save_checkpoint(
     epoch: int,
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    policy: Policy | None = None,
 ) -> Path:
-    """Write atomically; ``optimizer`` is anything with ``state_dict()`` (ours returns tensors/lists)."""
+    """Write atomically; ``optimizer`` is anything with ``state_dict()`` (ours returns tensors/lists).
+
+    ``policy`` (what the model may recommend) travels with the weights: every stage ranks with it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -95,6 +101,7 @@ def save_checkpoint(
         "epoch": int(epoch),
         "metrics": metrics,
         "extra": _to_cpu(extra or {}),
+        "policy": (policy or Policy()).to_plain(),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -142,14 +149,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         version = data.get("format_version") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path}: unsupported checkpoint format {version!r}")
+    config, legacy = _migrate_config(data["config"])
+    policy = Policy.from_plain(data["policy"]) if data.get("policy") else Policy.masking(legacy)
     return Checkpoint(
         model_state=data["model_state"],
         optimizer_state=data["optimizer_state"],
-        config=Config.model_validate(data["config"]),
+        config=config,
         vocab=_vocab_from_plain(data["vocab"]),
         epoch=int(data["epoch"]),
         metrics=data["metrics"],
         extra=data.get("extra") or {},
+        policy=policy,
     )
 
 
@@ -157,6 +167,15 @@ def non_finite_weights(ckpt: Checkpoint) -> list[str]:
     """Names of the model tensors holding NaN or infinity (a diverged model must never be served)."""
     return [name for name, tensor in ckpt.model_state.items()
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def _migrate_config(tree: dict[str, Any]) -> tuple[Config, bool]:
+    """A checkpoint written before the policy existed: drop the per-stage ``exclude_seen`` flags (the
+    scoring one, default on, becomes its policy) so the config still validates."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    legacy = bool((tree.get("score") or {}).pop("exclude_seen", True))
+    (tree.get("evaluate") or {}).pop("exclude_seen", None)
+    return Config.model_validate(tree), legacy
 
 
 def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> GRU4Rec:

@@ -158,8 +158,8 @@ class GRU4Rec(nn.Module):
             if i > 0:
                 gx = layer.project(out)  # [B, g*H]
             h, s = layer.cell_step(gx, state[i])  # [B, H], [B, S]
-            new_states.append(s)
             out = self._drop_hidden(h)  # [B, H]
+            new_states.append(out if self.config.dropout_state and layer.cell != "lstm" else s)
         return out, torch.stack(new_states)  # [B, H], [n_layers, B, S]
 
     def step(self, items: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:

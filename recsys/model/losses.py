@@ -17,7 +17,8 @@ from torch.nn import functional as F
 
 
 def negative_mask(
-    col_items: Tensor, targets: Tensor, col_valid: Tensor | None, extra: Tensor | None = None
+    col_items: Tensor, targets: Tensor, col_valid: Tensor | None, extra: Tensor | None = None,
+    duplicates: bool = True,
 ) -> Tensor:
     """True where column j must not act as a negative for row i: [B, C].
 
@@ -27,6 +28,8 @@ def negative_mask(
     """
     B = targets.shape[0]
     same = col_items.unsqueeze(0) == targets.unsqueeze(1)  # [B, C]
+    if not duplicates:  # train.mask_duplicate_targets=false: only the diagonal is the positive
+        same = torch.zeros_like(same)
     if col_valid is not None:
         same |= ~col_valid.unsqueeze(0)  # [B, C]
     if extra is not None:
@@ -81,6 +84,8 @@ def sampled_loss(
     logq: float = 0.0,
     log_prob: Tensor | None = None,
     extra_mask: Tensor | None = None,
+    log_prob_targets: Tensor | None = None,
+    mask_duplicates: bool = True,
 ) -> Tensor:
     """Loss of one mini-batch. scores [B, C]; col_items [C]; targets [B]; active [B] bool or None.
 
@@ -88,7 +93,9 @@ def sampled_loss(
 
     ``logq > 0`` subtracts ``logq * log P(sample item)`` from every column's score (sampling-bias
     correction; ``log_prob`` [n_items] from the sampler). BPR-max applies ELU(``elu_param``) to the scores
-    first, as in the 2018 paper (``elu_param == 0``: scores used as they are).
+    first, as in the 2018 paper (``elu_param == 0``: scores used as they are). ``log_prob_targets``
+    [n_items], when given, corrects the first ``B`` (in-batch target) columns instead of ``log_prob``.
+    ``mask_duplicates=False`` keeps columns equal to the row's target as negatives (published code).
     """
     B = targets.shape[0]
     col_valid = None
@@ -98,9 +105,12 @@ def sampled_loss(
         col_valid = torch.cat(
             [active, torch.ones(scores.shape[1] - B, dtype=torch.bool, device=active.device)]
         )
-    mask = negative_mask(col_items, targets, col_valid, extra_mask)  # [B, C]
+    mask = negative_mask(col_items, targets, col_valid, extra_mask, mask_duplicates)  # [B, C]
     if logq > 0 and log_prob is not None:
-        scores = scores - logq * log_prob[col_items].unsqueeze(0)  # [B, C]
+        correction = log_prob[col_items]  # [C]
+        if log_prob_targets is not None:
+            correction = torch.cat([log_prob_targets[col_items[:B]], correction[B:]])  # [C]
+        scores = scores - logq * correction.unsqueeze(0)  # [B, C]
     if loss == "cross_entropy":
         return cross_entropy(scores, mask, row_weight)
     if loss == "bpr_max":

@@ -21,6 +21,7 @@ import polars as pl
 import torch
 
 from recsys.data.vocab import Vocab
+from recsys.model.policy import Policy, apply_policy
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +88,21 @@ def recommend(
     histories: Sequence[Sequence[Any]],
     *,
     top_k: int = DEFAULT_TOP_K,
-    exclude_seen: bool = True,
+    policy: Policy | None = None,
+    exclude_seen: bool | None = None,
     max_history: int | None = None,
     device: str | torch.device = "cpu",
 ) -> pd.DataFrame:
     """Top-``top_k`` items per user: ``user_id, rank, item_id, score, source``.
 
     ``source`` is ``model``, or ``popular`` for a user none of whose history items the model knows (the
-    training-count ranking, score = count). ``exclude_seen`` drops items in the user's history; without it
-    a model trained with ``model.history_bias`` adds its learned offset to them.
+    training-count ranking, score = count). ``policy`` (the model's stored one; ``exclude_seen`` is the
+    shorthand for plain masking on/off) decides which history items are excluded; every history item
+    counts as a finished watch. A model trained with ``model.history_bias`` adds its learned offset to
+    the history items the policy keeps.
     """
+    if policy is None:
+        policy = Policy.masking(True if exclude_seen is None else exclude_seen)
     n_items = len(vocab)
     k = max(1, min(int(top_k), n_items))
     items, lengths = histories_to_batch(histories, vocab, max_history)
@@ -114,10 +120,8 @@ def recommend(
             scores[has] = model.score_items(states).float()  # [b', N]
         rows = torch.arange(hi - lo, device=device).unsqueeze(1).expand_as(batch)  # [b, L]
         valid = torch.arange(batch.shape[1], device=device).unsqueeze(0) < lens.unsqueeze(1)  # [b, L]
-        if exclude_seen:
-            scores[rows[valid], batch[valid]] = -torch.inf
-        else:  # the learned repeat offset, when the model has one
-            model.add_history_bias(scores, rows[valid], batch[valid])
+        bias = model.add_history_bias if getattr(model, "history_bias", None) is not None else None
+        apply_policy(scores, rows[valid], batch[valid], policy, history_bias=bias)
         vals, idx = torch.topk(scores, k, dim=1)  # [b, k]
         out_idx[lo:hi] = idx.cpu().numpy()
         out_score[lo:hi] = vals.cpu().numpy()
@@ -144,7 +148,7 @@ class GRU4RecPyfunc(mlflow.pyfunc.PythonModel):
         self.model = build_model(ckpt, self.device)
         self.vocab = ckpt.vocab
         self.max_history = ckpt.config.score.max_history
-        self.exclude_seen_default = ckpt.config.score.exclude_seen
+        self.policy = ckpt.policy  # the rules it was trained and gated with
         self.top_k_default = ckpt.config.score.top_k
 
     def predict(
@@ -153,8 +157,7 @@ class GRU4RecPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         return recommend(
             self.model, self.vocab, model_input["user_id"].tolist(), model_input["history"].tolist(),
-            top_k=int(params.get("top_k", self.top_k_default)),
-            exclude_seen=bool(params.get("exclude_seen", self.exclude_seen_default)),
+            top_k=int(params.get("top_k", self.top_k_default)), policy=self.policy,
             max_history=self.max_history, device=self.device,
         )
 
@@ -171,12 +174,11 @@ def example_input(vocab: Vocab, n_users: int = 2) -> pd.DataFrame:
     })
 
 
-def model_signature(
-    vocab: Vocab, top_k: int = DEFAULT_TOP_K, exclude_seen: bool = True
-) -> mlflow.models.ModelSignature:
+def model_signature(vocab: Vocab, top_k: int = DEFAULT_TOP_K) -> mlflow.models.ModelSignature:
     """user_id (any id type) + history (array of item ids) -> user_id, rank, item_id, score, source.
 
-    Params ``top_k`` and ``exclude_seen`` default to the checkpoint's ``score`` settings.
+    Param ``top_k`` defaults to the checkpoint's ``score.top_k``. What may be recommended is the
+    checkpoint's stored policy, not a request parameter: serving ranks as the gate measured.
     """
     from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -186,9 +188,7 @@ def model_signature(
         ColSpec(AnyType(), "user_id"), ColSpec("long", "rank"), ColSpec(item_type, "item_id"),
         ColSpec("float", "score"), ColSpec("string", "source"),
     ])
-    params = ParamSchema([
-        ParamSpec("top_k", "long", int(top_k)), ParamSpec("exclude_seen", "boolean", bool(exclude_seen)),
-    ])
+    params = ParamSchema([ParamSpec("top_k", "long", int(top_k))])
     return mlflow.models.ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -214,7 +214,7 @@ def log_pyfunc_model(
             python_model=str(ENTRY_FILE),
             artifacts={CHECKPOINT_ARTIFACT: str(staged)},
             code_paths=[str(PACKAGE_DIR)],
-            signature=model_signature(ckpt.vocab, ckpt.config.score.top_k, ckpt.config.score.exclude_seen),
+            signature=model_signature(ckpt.vocab, ckpt.config.score.top_k),
             input_example=example,
             pip_requirements=_pip_requirements(),
             registered_model_name=registered_model_name,

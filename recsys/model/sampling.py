@@ -33,6 +33,9 @@ class NegativeSampler:
         cdf[-1] = 1.0 + 1e-9  # guard rounding so searchsorted never returns n_items
         self.cdf = torch.from_numpy(cdf).to(self.device, torch.float64)  # [n_items]
         self.log_prob = torch.from_numpy(np.log(prob)).to(self.device, torch.float32)  # [n_items]
+        # log training count: the logQ of in-batch targets with train.logq_targets=count
+        self.log_count = torch.from_numpy(np.log(np.maximum(counts.astype(np.float64), 1e-12))).to(
+            self.device, torch.float32)  # [n_items]
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._store = torch.empty(0, n_sample, dtype=torch.int64, device=self.device)  # [k, n_sample]

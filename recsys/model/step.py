@@ -133,6 +133,8 @@ class SessionParallelTrainer:
             logq=self.cfg.logq,
             log_prob=self.sampler.log_prob,
             extra_mask=seen_cols if self.mask_seen else None,
+            log_prob_targets=self.sampler.log_count if self.cfg.logq_targets == "count" else None,
+            mask_duplicates=self.cfg.mask_duplicate_targets,
         )  # []
         return loss, new_state.float()  # state stays fp32 between steps even under bf16 autocast
 

@@ -91,7 +91,7 @@ class RecsChecks:
     top_k: int
     requested_users: pl.Series | None = None  # every one must have at least one row
     excluded_items: pl.Series | None = None  # original ids that must not appear
-    seen: pl.DataFrame | None = None  # (user_id, item_id) pairs that must not appear (exclude_seen)
+    seen: pl.DataFrame | None = None  # (user_id, item_id) pairs that must not appear (the policy's)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import polars as pl
 
 from recsys.data.events_table import active_files
 from recsys.data.vocab import Vocab
-from recsys.schemas import ITEM_ID, TS, USER_ID
+from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, USER_ID
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Histories:
     seen_items: np.ndarray  # [M] int64 vocab indices
     seen_pairs: pl.DataFrame | None  # (user_id, item_id) original ids watched, for export validation
     counts: dict[str, int] = field(default_factory=dict)
+    seen_completed: np.ndarray | None = None  # [M] bool: watched to the end (None: no event types known)
 
     @property
     def n_users(self) -> int:
@@ -90,13 +91,15 @@ def load_histories(
     drop_repeats: bool = True,
     with_seen: bool = True,
     users: pl.Series | None = None,
+    partial_event_types: tuple[str, ...] = (),
 ) -> Histories:
     """Histories of every user with events before ``cutoff``, in user-id order (or of ``users`` only:
     those with events in id order, then the requested users without any event, with empty histories).
 
     ``history_days`` limits the window fed to the model to ``[cutoff - days, cutoff)``; consecutive
     repeats of an item are dropped like the sessions stage does; items unknown to ``vocab`` are skipped
-    and counted.
+    and counted. ``partial_event_types``: ``event_type`` values of unfinished watches; when the events
+    have that column, ``seen_completed`` flags every seen event that is not one of them.
     """
     files = event_files(events_dir, before=cutoff)
     if not files:
@@ -104,7 +107,9 @@ def load_histories(
         if not every:
             raise FileNotFoundError(f"no events Parquet files under {events_dir}")
         files = every[:1]  # every partition is after the cutoff: zero rows, but the events' schema
-    lf = pl.scan_parquet(files, hive_partitioning=False).select(USER_ID, ITEM_ID, TS)
+    lf = pl.scan_parquet(files, hive_partitioning=False)
+    with_types = bool(partial_event_types) and with_seen and EVENT_TYPE in lf.collect_schema()
+    lf = lf.select(USER_ID, ITEM_ID, TS, *([EVENT_TYPE] if with_types else []))
     lf = lf.filter(pl.col(TS) < cutoff)
     if users is not None:
         users = _as_event_ids(users, lf.collect_schema()[USER_ID])
@@ -116,6 +121,10 @@ def load_histories(
     in_window = np.ones(raw.height, dtype=bool)
     if history_days is not None:
         in_window = (raw[TS] >= cutoff - timedelta(days=history_days)).gather(order).to_numpy()
+    completed = None  # [E] in sorted order: the watch was finished
+    if with_types:
+        partial = raw[EVENT_TYPE].is_in(list(partial_event_types)).fill_null(False)
+        completed = (~partial).gather(order).to_numpy()
     events = raw.select(pl.col(USER_ID).gather(order), pl.col(ITEM_ID).gather(order))  # ts no longer needed
     del raw, order
     code = events[USER_ID].rle_id().to_numpy()  # dense user code, ascending with the sort
@@ -145,9 +154,11 @@ def load_histories(
     counts["history_items_truncated"] = int((~keep).sum())
 
     known = idx >= 0
+    seen_completed = None
     if with_seen:
         seen_offsets, seen_items = _csr(code[known], idx[known], n_present)
         seen_pairs = events.filter(pl.Series(known)).select(USER_ID, ITEM_ID)
+        seen_completed = completed[known] if completed is not None else None
     else:
         seen_offsets, seen_items, seen_pairs = np.zeros(n_present + 1, np.int64), np.empty(0, np.int64), None
 
@@ -172,5 +183,6 @@ def load_histories(
         seen_items=seen_items,
         seen_pairs=seen_pairs,
         counts=counts,
+        seen_completed=seen_completed,
     )
 

@@ -43,6 +43,7 @@ import torch
 from recsys.config import Config, recorded_config
 from recsys.data.vocab import Vocab
 from recsys.device import resolve_device
+from recsys.model.policy import Policy, apply_policy, excluded_pairs, policy_for_model
 from recsys.schemas import (
     ITEM_ID,
     MODEL_NAME,
@@ -70,6 +71,7 @@ CUDA_USER_BATCH = 16384
 class LoadedModel:
     model: torch.nn.Module
     vocab: Vocab
+    policy: Policy
     uri: str
     name: str
     version: str
@@ -96,6 +98,7 @@ def load_model(config: Config, model_uri: str, device: torch.device) -> LoadedMo
     return LoadedModel(
         model=build_model(ckpt, device),
         vocab=ckpt.vocab,
+        policy=ckpt.policy,
         uri=resolved.uri,
         name=name,
         version=version,
@@ -180,12 +183,18 @@ def padded_batch(hist: Histories, users: np.ndarray) -> tuple[torch.Tensor, torc
 
 
 def seen_coordinates(hist: Histories, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row in ``users``, item index) of every item the users already watched."""
+    """(row in ``users``, item index) of every item the users already watched, time-ordered per row."""
+    rows, flat = _seen_positions(hist, users)
+    return rows, hist.seen_items[flat]
+
+
+def _seen_positions(hist: Histories, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row in ``users``, position in ``hist.seen_items``) of every watched event of the users."""
     starts = hist.seen_offsets[users]
     counts = hist.seen_offsets[users + 1] - starts
     rows = np.repeat(np.arange(len(users)), counts)
     first = np.repeat(starts - (np.cumsum(counts) - counts), counts)
-    return rows, hist.seen_items[first + np.arange(len(rows))]
+    return rows, first + np.arange(len(rows))
 
 
 TOPK_BLOCK = 64
@@ -220,17 +229,18 @@ def rank_users(
     *,
     n_items: int,
     top_k: int,
-    exclude_seen: bool,
+    policy: Policy,
     excluded: torch.Tensor,
     chunk_rows: int,
     out_idx: np.ndarray,
     out_score: np.ndarray,
     history_bias: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
 ) -> None:
-    """Top-K of ``score_fn(lo, hi)`` (scores [hi-lo, n_items] of ``users[lo:hi]``), masked, into ``out_*``.
+    """Top-K of ``score_fn(lo, hi)`` (scores [hi-lo, n_items] of ``users[lo:hi]``) under the model's
+    ``policy`` (recsys.model.policy.apply_policy over everything each user watched), into ``out_*``.
 
-    ``history_bias(scores, rows, cols)``, used only when watched items are not excluded, adjusts the
-    scores of the watched (row, item) pairs in place (the model's learned repeat offset).
+    ``history_bias(scores, rows, cols)`` is the model's learned repeat offset, applied by the policy to
+    the watched (row, item) pairs it does not exclude.
     """
     device = excluded.device
     k = min(top_k, n_items)
@@ -239,14 +249,13 @@ def rank_users(
         scores = score_fn(lo, lo + len(chunk))  # [b, n_items]
         if len(excluded):
             scores.index_fill_(1, excluded, -torch.inf)
-        if exclude_seen or history_bias is not None:
-            rows, cols = seen_coordinates(hist, chunk)
+        if policy.exclude != "none" or policy.continues or history_bias is not None:
+            rows, flat = _seen_positions(hist, chunk)
             if len(rows):
-                rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
-                if exclude_seen:
-                    scores[rows_t, cols_t] = -torch.inf
-                else:
-                    history_bias(scores, rows_t, cols_t)
+                rows_t = torch.from_numpy(rows).to(device)
+                cols_t = torch.from_numpy(hist.seen_items[flat]).to(device)
+                done = None if hist.seen_completed is None else torch.from_numpy(hist.seen_completed[flat])
+                apply_policy(scores, rows_t, cols_t, policy, completed=done, history_bias=history_bias)
         vals, idx = block_topk(scores, k)  # [b, k] sorted, -inf last
         out_idx[chunk, :k] = idx.cpu().numpy()
         out_score[chunk, :k] = vals.float().cpu().numpy()
@@ -329,19 +338,21 @@ def _score_users(
         loaded = load_model(config, model_uri, device)
     model, vocab = loaded.model, loaded.vocab
     n_items = len(vocab)
+    # the policy the model was trained and gated with; other rules only on policy.override (recorded)
+    policy, policy_override = policy_for_model(loaded.policy, config, vocab, f"scoring {loaded.uri}")
 
     with timer("history_s"):
         requested = read_id_file(users_file, USER_ID) if users_file is not None else None
         excl_ids = read_id_file(sc.exclude_items_file, ITEM_ID) if sc.exclude_items_file else None
         excl_idx, excl_unknown = excluded_indices(vocab, excl_ids)
         cutoff = history_cutoff(run_date)
-        # watched items are masked, or (model.history_bias, not masked) given the learned repeat offset
-        learned = model.history_bias is not None and not sc.exclude_seen
-        history_bias = model.add_history_bias if learned else None
+        # watched items are excluded as the policy says; the ones it keeps get the learned repeat offset
+        history_bias = model.add_history_bias if model.history_bias is not None else None
+        uses_seen = policy.exclude != "none" or policy.continues or history_bias is not None
         hist = load_histories(
             events_dir, vocab, cutoff=cutoff, history_days=sc.history_days, max_history=sc.max_history,
             drop_repeats=config.sessions.drop_consecutive_repeats,
-            with_seen=sc.exclude_seen or history_bias is not None, users=requested,
+            with_seen=uses_seen, users=requested, partial_event_types=policy.partial_event_types,
         )
 
     n_users = hist.n_users
@@ -373,7 +384,7 @@ def _score_users(
         with timer("score_s"), autocast:
             rank_users(
                 lambda lo, hi, states=states: model.score_items(states[lo:hi]),  # [b, n_items]
-                hist, batch, n_items=n_items, top_k=k, exclude_seen=sc.exclude_seen, excluded=excluded,
+                hist, batch, n_items=n_items, top_k=k, policy=policy, excluded=excluded,
                 chunk_rows=chunk_rows, out_idx=out_idx, out_score=out_score, history_bias=history_bias,
             )
         done = lo + len(batch)
@@ -388,14 +399,14 @@ def _score_users(
         if len(no_history):
             # users who watched nothing known share one list; the others get theirs masked individually
             seen_any = (hist.seen_offsets[no_history + 1] - hist.seen_offsets[no_history]) > 0
-            if not sc.exclude_seen:
+            if policy.exclude == "none" and not policy.continues:
                 seen_any[:] = False
             shared, own = no_history[~seen_any], no_history[seen_any]
-            for group, with_seen in ((shared[:1], False), (own, True)):
+            for group, group_policy in ((shared[:1], Policy()), (own, policy)):
                 if len(group):
                     rank_users(
                         lambda lo, hi: pop.unsqueeze(0).expand(hi - lo, n_items).clone(),  # [b, n_items]
-                        hist, group, n_items=n_items, top_k=k, exclude_seen=with_seen, excluded=excluded,
+                        hist, group, n_items=n_items, top_k=k, policy=group_policy, excluded=excluded,
                         chunk_rows=chunk_rows, out_idx=out_idx, out_score=out_score,
                     )
             if len(shared) > 1:
@@ -432,6 +443,7 @@ def _score_users(
             "history_cutoff": cutoff.isoformat(),
         },
         "top_k": sc.top_k,
+        "policy": {**policy.rules, "override": policy_override},
         "device": str(device),
         "precision": sc.precision,
         "torch_threads": torch.get_num_threads(),
@@ -446,7 +458,7 @@ def _score_users(
         top_k=sc.top_k,
         requested_users=hist.user_ids if requested is not None else None,
         excluded_items=excl_ids,
-        seen=hist.seen_pairs if sc.exclude_seen else None,
+        seen=policy_excluded_pairs(hist, policy),
     )
     result = publish_recs(
         recs, exports_dir=out_dir, run_date=run_date, manifest=manifest, checks=checks,
@@ -468,6 +480,16 @@ def catalogue_titles(config: Config) -> pl.DataFrame | None:
     from recsys.data.catalogue import load_catalogue, titles_frame
 
     return titles_frame(load_catalogue(config))
+
+
+def policy_excluded_pairs(hist: Histories, policy: Policy) -> pl.DataFrame | None:
+    """(user_id, item_id) pairs the policy keeps out of every list: what the export check verifies."""
+    if hist.seen_pairs is None or policy.exclude == "none":
+        return None
+    rows, flat = _seen_positions(hist, np.arange(hist.n_users))
+    completed = hist.seen_completed[flat] if hist.seen_completed is not None else None
+    keep_out = excluded_pairs(rows, hist.seen_items[flat], policy, completed)
+    return hist.seen_pairs.filter(pl.Series(keep_out))
 
 
 def assemble(

@@ -66,7 +66,6 @@ def build_card(
 ) -> dict[str, Any]:
     """The card as plain data. ``summary`` is tracked training's result (metrics, slices, history...)."""
     from recsys.tracking.lineage import read_split_stats, snapshot_hash
-    from recsys.training.evaluate import resolve_exclude_seen
 
     stats = read_split_stats(split_dir)
     slices = summary.get("slices") or {}
@@ -94,8 +93,7 @@ def build_card(
         "protocol": {"split": stats.get("protocol", config.split.protocol),
                      "sessions": config.sessions.mode, "ranking": "full catalogue, ties counted against",
                      "cutoffs": list(config.evaluate.cutoffs)},
-        "policy": {"exclude_seen": resolve_exclude_seen(config),
-                   "serving_exclude_seen": config.score.exclude_seen, "top_k": config.score.top_k},
+        "policy": {"described": summary.get("policy"), "top_k": config.score.top_k},
         "metrics": {"test": {k: test.get(k) for k in CARD_METRICS if k in test},
                     "intervals": intervals, "confidence": slices.get("confidence")},
         "baselines": {name: {k: m.get(k) for k in CARD_METRICS if k in m}
@@ -139,8 +137,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         "## Protocol and policy",
         f"- {card['protocol']['split']} split, {card['protocol']['sessions']} sequences, "
         f"{card['protocol']['ranking']}",
-        f"- exclude seen in evaluation: {card['policy']['exclude_seen']}; in serving: "
-        f"{card['policy']['serving_exclude_seen']}; top {card['policy']['top_k']}",
+        f"- recommendation policy (training, evaluation, gate, scoring and serving alike): "
+        f"{card['policy'].get('described')}; top {card['policy']['top_k']}",
         "",
         "## Test metrics (with intervals) and baselines",
         "| model | R@20 | MRR@20 | NDCG@20 | coverage@20 |",

@@ -58,20 +58,17 @@ class PromotionDecision:
     # challenger minus champion per target: {"overall": interval, "slices": {name: {...}}} (empty: none)
     comparison: dict[str, Any] = field(default_factory=dict)
     blocked_slices: list[str] = field(default_factory=list)  # slices whose regression kept it out
+    policy: dict[str, Any] = field(default_factory=dict)  # rules both sides were ranked under (+ override)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def gate_value(metrics: dict[str, float], metric: str) -> float:
-    """``metric`` over every test target: targets a model could not rank (items outside its vocabulary,
-    no known history) count as misses, so models with different vocabularies are compared fairly."""
-    from recsys.training.evaluate import LOST_TARGET_KEYS
-
-    value = float(metrics[metric])
-    n = float(metrics.get("n_queries", 0))
-    lost = sum(float(metrics.get(k, 0)) for k in LOST_TARGET_KEYS)
-    return value * n / (n + lost) if n + lost > 0 else 0.0
+    """``metric`` as the evaluation reports it: every metric is over all test targets (the ones a model
+    could not rank count as misses), so models with different vocabularies compare fairly and the gate
+    quotes the very figure the tables print."""
+    return float(metrics[metric])
 
 
 @dataclass
@@ -129,25 +126,38 @@ def build_evidence(config: Config, table: TargetTable, challenger_ranks: Any,
 
 
 def _evaluate_version(
-    config: Config, version: Any, label: str, with_popular: bool,
+    config: Config, version: Any, label: str, with_popular: bool, rules: dict[str, Any] | None = None,
     table: TargetTable | None = None, target_ranks: dict[str, Any] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Test-split metrics of one registered version (and most-popular under the same vocabulary).
+) -> tuple[dict[str, dict[str, float]], dict[str, Any], str | None]:
+    """Test-split metrics of one registered version (and most-popular under the same vocabulary), the
+    rules of the policy it was ranked under, and the note when they are not its stored ones.
 
+    Every version is ranked under its stored policy; ``rules`` (the challenger's, for the champion) ranks
+    it under those instead, recorded in the note, so both sides of the gate answer the same question.
     With ``table``, ``target_ranks[label]`` receives the version's ranks over every test target.
     """
     from recsys.device import resolve_device
     from recsys.model.checkpoint import build_model, load_checkpoint
+    from recsys.model.policy import policy_for_model
     from recsys.model.recommender import GRU4RecRecommender
     from recsys.training.evaluate import evaluate_all
 
     resolved = resolve_model(config, f"models:/{version.name}/{version.version}")
     device = resolve_device(config.train.device)
     ckpt = load_checkpoint(resolved.checkpoint_path, map_location=device)
+    policy, note = policy_for_model(ckpt.policy, config, ckpt.vocab, f"{label} v{version.version}")
+    if rules is not None and policy.rules != rules:
+        forced = config.model_copy(deep=True)
+        forced.policy.exclude = rules["exclude"]
+        forced.policy.continue_series = rules["continue_series"]
+        forced.policy.override = True
+        policy, note = policy_for_model(ckpt.policy, forced, ckpt.vocab, f"{label} v{version.version}")
+        note = f"ranked under the challenger's policy ({note})"
     rec = GRU4RecRecommender(build_model(ckpt, device), device, name=label)
     ranks: dict[str, Any] | None = {} if table is not None else None
     rows = evaluate_all(config, config.paths.split_dir, {label: rec}, split="test",
-                        baselines=with_popular, vocab=ckpt.vocab, device=device, ranks=ranks)
+                        baselines=with_popular, vocab=ckpt.vocab, device=device, policy=policy,
+                        ranks=ranks)
     if table is not None and ranks is not None and target_ranks is not None:
         from recsys.training.slices import ranks_over_targets
 
@@ -155,7 +165,7 @@ def _evaluate_version(
     for value in rows[label].values():
         if isinstance(value, float) and math.isnan(value):
             raise ValueError(f"{label} produced NaN metrics")
-    return rows
+    return rows, policy.rules, note
 
 
 def _json_tag(metrics: dict[str, float]) -> str:
@@ -169,12 +179,12 @@ def decide(metric: str, min_improvement: float, challenger: dict[str, float], po
            evidence: Evidence | None = None, blocked: list[str] | None = None) -> tuple[bool, str]:
     """The gate: beat most-popular, and (when a champion exists) beat it by the relative margin.
 
-    Values in the reason are :func:`gate_value` (the metric over all test targets, marked ``[all]``).
+    Values in the reason are the metric as every table prints it (over all test targets).
     With ``evidence`` (the paired bootstrap), the margin must be cleared by the interval's lower bound,
     not only by the point estimate, and ``blocked`` (slices regressing beyond their tolerance, from
     :meth:`Evidence.blocking`) keeps the challenger out whatever its overall gain.
     """
-    label = f"{metric}[all]"
+    label = metric
     c, p = gate_value(challenger, metric), gate_value(popular, metric)
     if not c > p:
         return False, f"challenger {label}={c:.4f} does not beat most-popular ({p:.4f})"
@@ -269,17 +279,18 @@ def promote(config: Config, version: str | int | None = None) -> PromotionDecisi
         return decision
     table, target_ranks = _target_table(config), {}  # per-target ranks for the paired bootstrap
     try:
-        rows = _evaluate_version(config, challenger, CHALLENGER, with_popular=True, table=table,
-                                 target_ranks=target_ranks)
+        rows, rules, note = _evaluate_version(config, challenger, CHALLENGER, with_popular=True, table=table,
+                                              target_ranks=target_ranks)
         decision.challenger_metrics = rows[CHALLENGER]
         decision.popular_metrics = rows[POPULAR]
+        decision.policy = {**rules, "override": note}
     except Exception as exc:  # anything wrong with the challenger's artifact keeps it out
         logger.exception("challenger version %s could not be evaluated", challenger.version)
         decision.reason = f"challenger v{challenger.version} could not be loaded or evaluated: {exc}"
         _record(store, config, name, decision)
         return decision
     for _ in range(CAS_ROUNDS):
-        _judge(config, decision, champion, table, target_ranks)
+        _judge(config, decision, champion, table, target_ranks, rules)
         if not decision.promoted:
             break
         with _alias_lock(config, store):
@@ -311,8 +322,9 @@ def promote(config: Config, version: str | int | None = None) -> PromotionDecisi
 
 
 def _judge(config: Config, decision: PromotionDecision, champion: Any | None, table: TargetTable | None,
-           target_ranks: dict[str, Any]) -> None:
-    """Fill ``decision`` (champion version and metrics, verdict, reason) against ``champion``."""
+           target_ranks: dict[str, Any], rules: dict[str, Any]) -> None:
+    """Fill ``decision`` (champion version and metrics, verdict, reason) against ``champion``, which is
+    ranked under the challenger's policy ``rules`` so both sides answer the same question."""
     decision.champion_version = _version_str(champion)
     decision.champion_metrics = {}
     decision.comparison, decision.blocked_slices = {}, []
@@ -320,8 +332,12 @@ def _judge(config: Config, decision: PromotionDecision, champion: Any | None, ta
     champion_note = ""
     if champion is not None:
         try:
-            decision.champion_metrics = _evaluate_version(config, champion, CHAMPION, with_popular=False,
-                                                          table=table, target_ranks=target_ranks)[CHAMPION]
+            champ_rows, _, policy_note = _evaluate_version(
+                config, champion, CHAMPION, with_popular=False, rules=rules, table=table,
+                target_ranks=target_ranks)
+            decision.champion_metrics = champ_rows[CHAMPION]
+            if policy_note:
+                champion_note = f" (champion {policy_note})"
         except Exception as exc:
             logger.exception("champion version %s could not be evaluated", champion.version)
             champion_note = (f" (champion v{champion.version} could not be evaluated: {exc}; "
@@ -364,6 +380,7 @@ def _record(store: TrackingStore, config: Config, name: str, decision: Promotion
         "promotion.challenger_metrics": _json_tag(decision.challenger_metrics),
         "promotion.champion_metrics": _json_tag(decision.champion_metrics),
         "promotion.popular_metrics": _json_tag(decision.popular_metrics),
+        "promotion.policy": json.dumps(decision.policy, sort_keys=True)[:TAG_VALUE_LIMIT],
         "promotion.split_snapshot": snapshot_hash(config.paths.split_dir),
         "promotion.evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -234,7 +234,7 @@ def _start_run(config: Config, store: TrackingStore, split_dir: Path, checkpoint
         log_system_metrics=config.tracking.system_metrics, tags=tags,
     )
     try:
-        mlflow.log_params(flatten_config(config) | resolved_params(config), run_id=run.info.run_id)
+        mlflow.log_params(flatten_config(config) | resolved_params(config, split_dir), run_id=run.info.run_id)
     except Exception:
         mlflow.end_run(status="FAILED")
         raise
@@ -267,14 +267,21 @@ def run_url(config: Config, store: TrackingStore, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{store.experiment_id}/runs/{run_id}"
 
 
-def resolved_params(config: Config) -> dict[str, str]:
-    """The values that ``null`` (automatic) settings resolved to for this run, as MLflow params."""
-    from recsys.training.evaluate import resolve_exclude_seen
-    from recsys.training.train import resolve_mask_seen
+def resolved_params(config: Config, split_dir: Path | None = None) -> dict[str, str]:
+    """The values that automatic settings resolved to for this run (the policy from the split's record),
+    as MLflow params."""
+    from recsys.data.vocab import Vocab
+    from recsys.model.policy import resolve_mask_seen, resolve_policy
+    from recsys.schemas import VOCAB_FILE
 
+    split_dir = Path(split_dir) if split_dir is not None else config.paths.split_dir
+    if not (split_dir / VOCAB_FILE).is_file():
+        return {}  # training itself reports the missing split
+    policy = resolve_policy(config, Vocab.load(split_dir / VOCAB_FILE), split_dir)
     return {
-        "resolved.evaluate.exclude_seen": str(resolve_exclude_seen(config)),
-        "resolved.train.mask_seen_negatives": str(resolve_mask_seen(config)),
+        "resolved.policy.exclude": policy.exclude,
+        "resolved.policy.continue_series": str(policy.continues),
+        "resolved.train.mask_seen_negatives": str(resolve_mask_seen(config, policy)),
     }
 
 
@@ -438,7 +445,8 @@ def log_model_card(config: Config, split_dir: Path, result: Any, metrics: dict[s
     summary = {"test_metrics": result.test_metrics, "baseline_metrics": result.baseline_metrics,
                "history": list(result.history), "best_epoch": getattr(result, "best_epoch", 0),
                "device": result.device, "n_items": result.n_items, "metrics": metrics,
-               "slices": (result.extra or {}).get("slices") or {}}
+               "slices": (result.extra or {}).get("slices") or {},
+               "policy": getattr(result, "policy", "") or None}
     lineage = (lineage_tags(split_dir, config.paths.events_dir, config.train.seed)
                if Path(split_dir).is_dir() else {})
     card = build_card(config, name=version.name, version=str(version.version), run_id=run_id,
@@ -505,7 +513,7 @@ def register_checkpoint(config: Config, checkpoint_path: Path) -> dict[str, Any]
             # the card of a checkpoint registered later: what it stored (no test evaluation, no slices)
             recorded = SimpleNamespace(test_metrics={}, baseline_metrics={}, best_epoch=ckpt.epoch, device="",
                                        history=(ckpt.extra or {}).get("history", []), n_items=ckpt.n_items,
-                                       extra={})
+                                       extra={}, policy=ckpt.policy.describe())
             _model_card_safely(config, config.paths.split_dir, recorded, metrics, run_id, version, store.uri)
             _end_run(config, "FINISHED", store.uri)
         except BaseException:

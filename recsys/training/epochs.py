@@ -93,7 +93,8 @@ def run_epoch(
     trainer: SessionParallelTrainer, seqs: SequenceSet, cfg: TrainConfig, epoch: int, device: torch.device
 ) -> tuple[float, int, float]:
     """One epoch over ``seqs`` (order reshuffled from the seed and epoch): (mean loss, events, seconds)."""
-    plan = plan_epoch(seqs, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
+    plan = plan_epoch(seqs, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]),
+                      by_start_time=cfg.epoch_order == "start_time")
     dplan = plan.to_torch(device)
     with _cpu_threads(device, cfg.threads):
         seconds = trainer.prepare(plan.inputs.shape[1])  # train.compile: compiled before the clock starts

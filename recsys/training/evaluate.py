@@ -23,6 +23,7 @@ import torch
 
 from recsys.data.sequences import SequenceSet, load_sequences
 from recsys.data.vocab import Vocab
+from recsys.model.policy import Policy, apply_policy, resolve_policy
 from recsys.schemas import TEST_FILE, TRAIN_FILE, VALID_FILE, VOCAB_FILE
 from recsys.training.protocol import HistoryAware, Recommender
 
@@ -32,19 +33,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLIT_FILES = {"train": TRAIN_FILE, "valid": VALID_FILE, "test": TEST_FILE}
-# Counts that SequenceSet.dropped may hold for targets that exist in the data but cannot be ranked.
+# Counts that SequenceSet.dropped may hold for targets that exist in the data but cannot be ranked:
+# the target item is not in the model's vocabulary, or no history item before it is.
 LOST_TARGET_KEYS = ("unseen_target", "no_history")
 
 
-def resolve_exclude_seen(config: Config) -> bool:
-    """The one rule for masking already-watched items.
+def target_counts(metrics: dict[str, float]) -> dict[str, int]:
+    """``n_targets`` = ranked (``n_queries``) + every named reason a target was not ranked."""
+    counts = {"ranked": int(metrics.get("n_queries", 0))}
+    counts.update({k: int(metrics.get(k, 0)) for k in LOST_TARGET_KEYS})
+    return {"n_targets": sum(counts.values()), **counts}
 
-    ``evaluate.exclude_seen`` when set; otherwise on for whole-user sequences (MovieLens-style, where
-    re-recommending a watched film is useless) and off for gap sessions (re-visits are legitimate).
-    """
-    if config.evaluate.exclude_seen is not None:
-        return config.evaluate.exclude_seen
-    return config.sessions.mode == "user"
+
+def target_line(metrics: dict[str, float]) -> str:
+    """One line saying how every target was counted, e.g. ``7,412 targets = 7,404 ranked + 8 no history``."""
+    c = target_counts(metrics)
+    parts = [f"{c['ranked']:,} ranked"] + [f"{c[k]:,} {k.replace('_', ' ')}" for k in LOST_TARGET_KEYS]
+    return f"{c['n_targets']:,} targets = " + " + ".join(parts)
 
 
 def history_pairs(seqs: SequenceSet, seq: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,23 +121,31 @@ def evaluate_recommender(
     seqs: SequenceSet,
     *,
     cutoffs: Sequence[int] = (1, 5, 10, 20),
-    exclude_seen: bool,
+    policy: Policy | None = None,
+    exclude_seen: bool | None = None,
     chunk_size: int,
     device: str | torch.device = "cpu",
     item_popularity: np.ndarray | None = None,
     ranks_out: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Rank every query's target against the full catalogue; Recall/MRR/NDCG, coverage, popularity.
+    """Rank every query's target against the full catalogue under ``policy``; Recall/MRR/NDCG, coverage.
 
-    Returns ``recall@K`` (= HitRate@K), ``mrr@K``, ``ndcg@K``, ``recall@K_all`` (hits over all targets,
-    the unrankable ones from ``seqs.dropped`` included), ``coverage@K`` (distinct recommended items /
-    n_items), ``popularity@K`` (mean training count of the recommended items; only with
-    ``item_popularity``), ``n_queries`` and the ``seqs.dropped`` counts.
+    ``policy`` is the model's recommendation policy (``exclude_seen`` is the shorthand for plain history
+    masking on/off without series). Returns ``recall@K`` (= HitRate@K), ``mrr@K``, ``ndcg@K``, each over
+    EVERY target of the split: the ones that could not be ranked (``seqs.dropped``: ``unseen_target``,
+    ``no_history``) count as misses, so the figure is the same whatever the model's vocabulary;
+    ``coverage@K`` (distinct recommended items / n_items), ``popularity@K`` (mean training count of the
+    recommended items; only with ``item_popularity``), ``n_targets``, ``n_queries`` (the ranked ones) and
+    the ``seqs.dropped`` counts: ``n_targets = n_queries + unseen_target + no_history``.
 
     ``ranks_out`` (int64 [Q], canonical query order), when given, receives every query's exact rank
     (``n_items + 1`` for a masked target): per-target values for slices and paired tests
     (recsys.training.slices). Filled chunk by chunk, so it too is independent of ``chunk_size``.
     """
+    if policy is None:
+        if exclude_seen is None:
+            raise ValueError("evaluate_recommender needs a policy (or exclude_seen)")
+        policy = Policy.masking(exclude_seen)
     cutoffs = sorted({int(k) for k in cutoffs})
     if not cutoffs or cutoffs[0] < 1:
         raise ValueError(f"cutoffs must be positive integers, got {cutoffs}")
@@ -160,13 +173,11 @@ def evaluate_recommender(
         scores = _own(rec.score(states[lo:hi].to(device)))  # [b, n_items]
         if scores.shape != (hi - lo, n_items):
             raise ValueError(f"{rec.name}: score gave shape {tuple(scores.shape)}, want {(hi - lo, n_items)}")
-        if exclude_seen or history_aware:
+        if policy.exclude != "none" or policy.continues or history_aware:
             rows, cols = history_pairs(seqs, seq[lo:hi], pos[lo:hi])
             rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
-            if exclude_seen:
-                scores[rows_t, cols_t] = -math.inf
-            else:
-                rec.add_history_bias(scores, rows_t, cols_t)
+            apply_policy(scores, rows_t, cols_t, policy,
+                         history_bias=rec.add_history_bias if history_aware else None)
 
         tgt = torch.from_numpy(targets[lo:hi]).to(device)  # [b]
         tgt_score = scores.gather(1, tgt[:, None])  # [b, 1]
@@ -201,23 +212,25 @@ def _metrics(
 ) -> dict[str, float]:
     """Metrics from the integer histograms; the order of summation is fixed, so chunking cannot matter."""
     ranks = np.arange(len(rank_hist), dtype=np.float64)
-    n_all = n_queries + sum(int(dropped.get(key, 0)) for key in LOST_TARGET_KEYS)
-    if n_queries == 0:
-        log.warning("no queries to evaluate: every metric is reported as 0")
+    n_all = n_queries + sum(int(dropped.get(key, 0)) for key in LOST_TARGET_KEYS)  # every target
+    if n_all == 0:
+        log.warning("no targets to evaluate: every metric is reported as 0")
     out: dict[str, float] = {}
     for c, k in enumerate(cutoffs):
         hits = rank_hist[1 : k + 1].astype(np.float64)  # queries at ranks 1..k
         r = ranks[1 : k + 1]
-        out[f"recall@{k}"] = float(hits.sum() / n_queries) if n_queries else 0.0
-        out[f"mrr@{k}"] = float((hits / r).sum() / n_queries) if n_queries else 0.0
-        out[f"ndcg@{k}"] = float((hits / np.log2(r + 1)).sum() / n_queries) if n_queries else 0.0
-        out[f"recall@{k}_all"] = float(hits.sum() / n_all) if n_all else 0.0
+        out[f"recall@{k}"] = float(hits.sum() / n_all) if n_all else 0.0
+        out[f"mrr@{k}"] = float((hits / r).sum() / n_all) if n_all else 0.0
+        out[f"ndcg@{k}"] = float((hits / np.log2(r + 1)).sum() / n_all) if n_all else 0.0
         out[f"coverage@{k}"] = float((rec_counts[c] > 0).sum() / n_items) if n_items else 0.0
         if item_popularity is not None:
             total = rec_counts[c].sum()
             weighted = float(rec_counts[c].astype(np.float64) @ np.asarray(item_popularity, np.float64))
             out[f"popularity@{k}"] = weighted / total if total else 0.0
+    out["n_targets"] = n_all
     out["n_queries"] = n_queries
+    for key in LOST_TARGET_KEYS:
+        out[key] = int(dropped.get(key, 0))
     for key, value in dropped.items():
         out[key] = int(value)
     return out
@@ -249,13 +262,16 @@ def evaluate_all(
     vocab: Vocab | None = None,
     device: str | torch.device = "cpu",
     ranks: dict[str, np.ndarray] | None = None,
+    policy: Policy | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate ``recommenders`` and (by default) both baselines on one split: rows of the comparison table.
 
     The baselines are fitted on the split's training sequences. Rows keep the order: the given
     recommenders, then item-kNN, then most-popular. ``vocab`` (e.g. a checkpoint's) replaces the split's
-    vocabulary when the model was trained with its own. ``ranks``, when given, receives each model's
-    per-query ranks (``evaluate_recommender``'s ``ranks_out``), keyed like the rows.
+    vocabulary when the model was trained with its own. ``policy`` is the model's stored one (every row
+    is ranked under it); None resolves the config's policy against the split (baselines only).
+    ``ranks``, when given, receives each model's per-query ranks (``evaluate_recommender``'s
+    ``ranks_out``), keyed like the rows.
     """
     from recsys.training.baselines import fit_baselines
 
@@ -270,19 +286,21 @@ def evaluate_all(
     models: dict[str, Recommender] = dict(recommenders)
     if baselines:
         models.update(fit_baselines(config, train, n_items))
-    exclude_seen = resolve_exclude_seen(config)
+    if policy is None:
+        policy = resolve_policy(config, vocab, split_dir)
     rows: dict[str, dict[str, float]] = {}
     for name, rec in models.items():
         if rec.n_items != n_items:
             raise ValueError(f"{name} scores {rec.n_items} items but the vocabulary has {n_items}")
-        log.info("evaluating %s on %s (%d sequences, exclude_seen=%s)", name, split,
-                 evaluated.n_sequences, exclude_seen)
+        log.info("evaluating %s on %s (%d sequences, policy %s)", name, split, evaluated.n_sequences,
+                 policy.describe())
         out = None if ranks is None else np.zeros(len(evaluated.queries()[0]), dtype=np.int64)
         rows[name] = evaluate_recommender(
-            rec, evaluated, cutoffs=config.evaluate.cutoffs, exclude_seen=exclude_seen,
+            rec, evaluated, cutoffs=config.evaluate.cutoffs, policy=policy,
             chunk_size=config.evaluate.chunk_size, device=device, item_popularity=vocab.counts,
             ranks_out=out,
         )
         if ranks is not None:
             ranks[name] = out
+        log.info("%s on %s: %s", name, split, target_line(rows[name]))
     return rows

@@ -23,19 +23,18 @@ def table_columns(cutoffs: list[int]) -> list[str]:
 
 
 def metrics_table(
-    rows: dict[str, dict[str, float]], cutoffs: list[int], split: str, exclude_seen: bool
+    rows: dict[str, dict[str, float]], cutoffs: list[int], split: str, policy: str
 ) -> Table:
-    """One row per model; the caption carries the query count and the targets that could not be ranked."""
+    """One row per model; the caption says how every target was counted and under which policy.
+
+    Every metric is over all targets (the unrankable ones count as misses): the same figure the
+    promotion gate compares, under the same name.
+    """
+    from recsys.training.evaluate import target_line
+
     columns = table_columns(cutoffs)
-    top = max(cutoffs)
-    first = next((m for m in rows.values() if "n_queries" in m), {})  # every row ranks the same queries
-    key = f"recall@{top}_all"
-    recall_all = ", ".join(f"{DISPLAY_NAMES.get(n, n)} {_cell(m, key)}" for n, m in rows.items())
-    caption = (
-        f"{first.get('n_queries', 0):,} queries · exclude_seen={exclude_seen} · "
-        f"unseen targets {first.get('unseen_target', 0):,} · no history {first.get('no_history', 0):,} · "
-        f"recall@{top} over all targets: {recall_all}"
-    )
+    first = next((m for m in rows.values() if "n_queries" in m), {})  # every row ranks the same targets
+    caption = f"{target_line(first)} (metrics over all targets) · policy: {policy}"
     table = Table(title=f"Full-catalogue evaluation on {split}", caption=caption, box=box.SIMPLE_HEAD)
     table.add_column("model", no_wrap=True)
     for col in columns:

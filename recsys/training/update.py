@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from recsys.data.vocab import Vocab
 from recsys.device import resolve_device
 from recsys.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from recsys.model.gru4rec import GRU4Rec
+from recsys.model.policy import resolve_mask_seen, resolve_policy
 from recsys.model.step import SessionParallelTrainer
 from recsys.schemas import (
     COUNT,
@@ -336,12 +337,14 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
         "seed": config.train.seed, "device": config.train.device, "threads": config.train.threads,
     })
     model = model.to(device)
-    from recsys.training.train import resolve_mask_seen
-
+    # the parent's rules, with the series structure rebuilt over the grown vocabulary (new episodes too)
+    policy = replace(resolve_policy(config, vocab), exclude=parent.policy.exclude,
+                     continue_series=parent.policy.continue_series,
+                     partial_event_types=parent.policy.partial_event_types)
     # the sampler draws negatives from what the pass trains on (new items included), never from zero counts
     sample_counts = np.bincount(seqs.items, minlength=len(vocab)) + 1
     trainer = SessionParallelTrainer(model, train_cfg, sample_counts, device,
-                                     mask_seen=resolve_mask_seen(config))
+                                     mask_seen=resolve_mask_seen(config, policy))
     lineage = {"parent": parent_label, "events_up_to": cutoff.isoformat(),
                "n_parent_items": len(parent.vocab), "n_items": len(vocab), "init_sources": sources,
                "new_sequences": new.height, "replay_sequences": replay.height}
@@ -367,7 +370,8 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
         save_checkpoint(last_path, model=model, optimizer=trainer, config=saved_config, vocab=vocab,
                         epoch=epoch,
                         metrics={"train_loss": loss},
-                        extra={"rng": rng_state(device), "history": history, "parent": parent_label})
+                        extra={"rng": rng_state(device), "history": history, "parent": parent_label},
+                        policy=policy)
     if ucfg.parent_weight > 0:
         model.load_state_dict(blend_with_parent(model.state_dict(), parent.model_state, ucfg.parent_weight))
     seconds = time.perf_counter() - t0
@@ -375,5 +379,5 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
     save_checkpoint(out_path, model=model, optimizer=None, config=saved_config, vocab=vocab,
                     epoch=ucfg.epochs,
                     metrics={"train_loss": history[-1]["train_loss"] if history else float("nan")},
-                    extra={LINEAGE_KEY: lineage, "history": history})
+                    extra={LINEAGE_KEY: lineage, "history": history}, policy=policy)
     return UpdateResult(checkpoint=out_path, resumed=resumed, **lineage)

@@ -49,7 +49,7 @@ def test_cuda_and_cpu_steps_agree_in_fp32(tmp_path):
                 "train.amp=false",
                 "train.n_sample=0",
                 "model.history_bias=true",  # the history bitmap and the learned offset on the device too
-                "evaluate.exclude_seen=false",
+                "policy.exclude=none",
             ]
         )
         res = train_model(config, split_dir, evaluate_test=False)

@@ -54,7 +54,7 @@ def constant_checkpoint(source: Path, out: Path) -> Path:
              for k, v in ckpt.model_state.items()}
     model.load_state_dict(state)
     return save_checkpoint(out, model=model, optimizer=None, config=ckpt.config, vocab=ckpt.vocab,
-                           epoch=ckpt.epoch, metrics={})
+                           epoch=ckpt.epoch, metrics={}, policy=ckpt.policy)
 
 
 def copy_checkpoint(source: Path, out: Path) -> Path:

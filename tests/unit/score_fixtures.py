@@ -14,6 +14,7 @@ from recsys.config import Config
 from recsys.data.vocab import Vocab
 from recsys.model.checkpoint import save_checkpoint
 from recsys.model.gru4rec import GRU4Rec
+from recsys.model.policy import Policy
 from recsys.schemas import ITEM_ID, TS, USER_ID
 
 RUN_DATE = date(2026, 3, 10)
@@ -77,8 +78,10 @@ def make_world(
     hidden: int = 8,
     seed: int = 0,
     history_bias: float | None = None,
+    exclude: str = "all",
 ) -> World:
-    """``history_bias``: the model has a learned repeat offset, set to this value."""
+    """``history_bias``: the model has a learned repeat offset, set to this value. ``exclude``: the
+    recommendation policy stored in the checkpoint (every watched item excluded by default)."""
     data_root = tmp_path / "data"
     config = Config.model_validate({
         "paths": {"data_root": str(data_root)},
@@ -92,7 +95,7 @@ def make_world(
         model.history_bias.data.fill_(history_bias)
     checkpoint = save_checkpoint(
         data_root / "checkpoints" / "tiny.pt", model=model, optimizer=None, config=config, vocab=vocab,
-        epoch=0, metrics={},
+        epoch=0, metrics={}, policy=Policy(exclude=exclude),
     )
     write_events(make_events(), config.paths.events_dir)
     return World(config, Path(checkpoint), config.paths.events_dir, config.paths.exports_dir, vocab, model)

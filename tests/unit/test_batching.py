@@ -75,3 +75,15 @@ def test_assign_slots_is_list_scheduling():
     slot, start = assign_slots(np.array([3, 1, 2, 2, 1]), 2)
     assert slot.tolist() == [0, 1, 1, 0, 1]
     assert start.tolist() == [0, 0, 1, 3, 3]
+
+
+def test_start_time_order_is_fixed_and_by_first_event():
+    """train.epoch_order=start_time (the published order): sequences enter slots by start time."""
+    seqs = _seqs([3, 1, 4, 2, 5])
+    seqs.start_ts = np.array([50, 10, 40, 20, 30], dtype=np.int64)
+    plan = plan_epoch(seqs, 1, np.random.default_rng(9), by_start_time=True)
+    first_inputs = plan.inputs[plan.reset[:, 0], 0].tolist()  # one slot: sequences one after another
+    by_time = [3, 4, 2, 0]  # sequence 1 (length 1) has no pair
+    assert first_inputs == [int(seqs.items[seqs.offsets[s]]) for s in by_time]
+    again = plan_epoch(seqs, 1, np.random.default_rng(10), by_start_time=True)
+    assert np.array_equal(plan.inputs, again.inputs)  # the same every epoch, whatever the seed

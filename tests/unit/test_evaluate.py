@@ -22,7 +22,7 @@ from recsys.training.evaluate import (
     evaluate_all,
     evaluate_recommender,
     history_pairs,
-    resolve_exclude_seen,
+    target_line,
 )
 
 
@@ -170,13 +170,14 @@ def test_masked_items_are_never_recommended_and_cutoff_beyond_catalogue():
     assert m["popularity@5"] == 3.0
 
 
-def test_dropped_counts_propagate_and_recall_all_counts_unseen_targets():
+def test_every_target_is_counted_and_unrankable_ones_are_misses():
     dropped = {"unseen_target": 2, "unseen_context": 1, "no_history": 1}
     m = evaluate_recommender(FixedScores(THREE_SCORES), make_seqs(THREE_QUERIES, dropped=dropped),
                              cutoffs=(1,), exclude_seen=False, chunk_size=5)
     assert m["unseen_target"] == 2 and m["unseen_context"] == 1 and m["no_history"] == 1
-    assert m["recall@1"] == pytest.approx(1 / 3)
-    assert m["recall@1_all"] == pytest.approx(1 / 6)  # 1 hit over 3 ranked + 3 unrankable targets
+    assert m["n_targets"] == 6 == m["n_queries"] + m["unseen_target"] + m["no_history"]
+    assert m["recall@1"] == pytest.approx(1 / 6)  # 1 hit over 3 ranked + 3 unrankable targets
+    assert target_line(m) == "6 targets = 3 ranked + 2 unseen target + 1 no history"
     assert "popularity@1" not in m  # only with item_popularity
 
 
@@ -196,8 +197,8 @@ def test_no_queries_gives_zero_metrics_and_counts():
     seqs = make_seqs([[0, 1]], n_context=[2], dropped={"unseen_target": 1})  # history only, no target
     m = evaluate_recommender(FixedScores(np.zeros((0, 2))), seqs, cutoffs=(1,), exclude_seen=True,
                              chunk_size=4)
-    assert m["n_queries"] == 0 and m["recall@1"] == 0.0 and m["recall@1_all"] == 0.0
-    assert m["unseen_target"] == 1
+    assert m["n_queries"] == 0 and m["recall@1"] == 0.0
+    assert m["unseen_target"] == 1 and m["n_targets"] == 1
 
 
 def test_history_pairs_vectorised():
@@ -221,16 +222,6 @@ def test_count_at_least_over_column_blocks():
     expected = (scores >= threshold).sum(dim=1)
     assert torch.equal(count_at_least(scores, threshold, block_cells=1), expected)  # 1024-column blocks
     assert torch.equal(count_at_least(scores, threshold), expected)
-
-
-def test_resolve_exclude_seen_rule():
-    config = Config()
-    config.sessions.mode = "user"
-    assert resolve_exclude_seen(config) is True
-    config.sessions.mode = "gap"
-    assert resolve_exclude_seen(config) is False
-    config.evaluate.exclude_seen = True
-    assert resolve_exclude_seen(config) is True
 
 
 def naive_metrics(scores: np.ndarray, seqs: SequenceSet, cutoffs, exclude_seen, popularity):
@@ -305,15 +296,16 @@ def test_evaluate_all_runs_baselines_and_reports_unseen_targets(tmp_path):
     vocab = write_split(tmp_path / "split", train, valid, test)
     config = Config()
     config.evaluate.cutoffs = [1, 2]
+    config.policy.exclude = "none"
     rows = evaluate_all(config, tmp_path / "split", {}, split="test")
     assert list(rows) == ["item-knn", "most-popular"]
     for metrics in rows.values():
         assert metrics["unseen_target"] == 1
         assert metrics["n_queries"] == 2  # 11 -> 10 (99 removed) and 13 -> 11
-        assert metrics["recall@2_all"] == pytest.approx(metrics["recall@2"] * 2 / 3)
+        assert metrics["n_targets"] == 3  # 2 ranked + 1 unseen target
     # most-popular: items 10 and 11 both have 3 training events, 12 has 2, 13 has 1
     assert vocab.counts.tolist() == [3, 3, 2, 1]
-    assert rows["most-popular"]["recall@2"] == 1.0  # ranks 2 and 2 (10 and 11 tie at the top)
+    assert rows["most-popular"]["recall@2"] == pytest.approx(2 / 3)  # ranks 2, 2 (10, 11 tie) + 1 unseen
     assert rows["most-popular"]["recall@1"] == 0.0
     assert rows["most-popular"]["popularity@1"] == 3.0
 
@@ -347,4 +339,6 @@ def test_cli_evaluate_checkpoint_against_baselines(tmp_path):
     report = json.loads(out.read_text())
     assert list(report["rows"]) == ["gru4rec", "item-knn", "most-popular"]
     assert report["rows"]["gru4rec"]["n_queries"] == 2  # 10 -> 11, 10 11 -> 12
-    assert report["exclude_seen"] is False  # gap sessions by default
+    # the checkpoint's stored policy (plain, no series), not the config's
+    assert report["policy"] == {"exclude": "none", "continue_series": False,
+                                "partial_event_types": ["partial"], "override": None}

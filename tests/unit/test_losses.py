@@ -74,3 +74,26 @@ def test_extra_mask_removes_history_negatives_but_never_the_positive():
         scores, torch.tensor([5, 6, 7]), torch.tensor([5]), None, loss="cross_entropy", extra_mask=extra
     )
     assert got.item() == pytest.approx(_lse([2, 0]) - 2, abs=1e-6)
+
+
+def test_published_logq_and_duplicate_targets_settings():
+    """train.logq_targets=count corrects in-batch targets by log(count) and the extra samples by the
+    sampling log-probability; train.mask_duplicate_targets=false keeps target-equal columns (published)."""
+    scores = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # target0, target1, one sample
+    cols, targets = torch.tensor([0, 1, 2]), torch.tensor([0, 1])
+    log_prob = torch.log(torch.tensor([0.5, 0.25, 0.25]))  # popularity^alpha, normalised
+    log_count = torch.log(torch.tensor([8.0, 2.0, 2.0]))
+    common = dict(loss="cross_entropy", logq=1.0, log_prob=log_prob)
+    sampling = sampled_loss(scores, cols, targets, None, **common)
+    corrected = scores - log_prob[cols]
+    want = sum(_lse(corrected[i].tolist()) - corrected[i, i].item() for i in range(2)) / 2
+    assert sampling.item() == pytest.approx(want, abs=1e-6)
+    count = sampled_loss(scores, cols, targets, None, log_prob_targets=log_count, **common)
+    published = scores - torch.cat([log_count[cols[:2]], log_prob[cols[2:]]])
+    want = sum(_lse(published[i].tolist()) - published[i, i].item() for i in range(2)) / 2
+    assert count.item() == pytest.approx(want, abs=1e-6) and count.item() != pytest.approx(sampling.item())
+    # a sample equal to the target stays in the softmax when duplicates are not masked
+    dup = torch.tensor([[2.0, 0.0, 1.0, 3.0]])
+    kept = sampled_loss(dup, torch.tensor([5, 6, 7, 5]), torch.tensor([5]), None, loss="cross_entropy",
+                        mask_duplicates=False)
+    assert kept.item() == pytest.approx(_lse([2, 0, 1, 3]) - 2, abs=1e-6)

@@ -47,3 +47,14 @@ def test_dropout_only_in_training():
     a = model.final_states(items, lengths)
     torch.manual_seed(2)
     assert not torch.equal(a, model.final_states(items, lengths))
+
+
+def test_dropout_state_carries_the_dropped_out_output_like_the_published_code():
+    from recsys.config import ModelConfig
+    from recsys.model.gru4rec import GRU4Rec
+
+    torch.manual_seed(0)
+    for carry in (False, True):
+        model = GRU4Rec(20, ModelConfig(hidden_size=16, dropout_hidden=0.5, dropout_state=carry)).train()
+        out, state = model.step(torch.tensor([1, 2, 3]), model.init_state(3))  # [3, H], [1, 3, H]
+        assert torch.equal(state[0], out) is carry  # dropped units are zero in the carried state too

@@ -90,7 +90,7 @@ def test_scorer_writes_monitoring_and_churn_into_the_manifest(tmp_path):
 def test_degenerate_model_export_fails_and_is_not_published(tmp_path):
     """A model that scores every item the same recommends one list to everyone: refused, the previous
     run date's export stays the latest complete one."""
-    world = make_world(tmp_path, score={"exclude_seen": False, "monitoring": {"min_users": 1}})
+    world = make_world(tmp_path, score={"monitoring": {"min_users": 1}}, exclude="none")
     yesterday = RUN_DATE - timedelta(days=1)
     good = world.config.model_copy(deep=True)
     good.score.monitoring.limits = {}

@@ -114,7 +114,7 @@ def test_exclusions_seen_and_withdrawn_list(tmp_path):
 
 
 def test_exclude_seen_off_keeps_watched_items(tmp_path):
-    world = make_world(tmp_path, score={"exclude_seen": False, "top_k": 30})
+    world = make_world(tmp_path, score={"top_k": 30}, exclude="none")
     score_users(world.config, model_uri=str(world.checkpoint), run_date=RUN_DATE)
     recs = read_recs(world.exports_dir, RUN_DATE).collect()
     assert_same(as_dict(recs), reference_recs(world, top_k=30, max_history=10, exclude_seen=False))
@@ -123,7 +123,7 @@ def test_exclude_seen_off_keeps_watched_items(tmp_path):
 
 @pytest.mark.parametrize("bias", [-50.0, 50.0])
 def test_learned_history_bias_moves_watched_items_when_they_are_not_excluded(tmp_path, bias):
-    world = make_world(tmp_path, score={"exclude_seen": False, "top_k": 8}, history_bias=bias)
+    world = make_world(tmp_path, score={"top_k": 8}, history_bias=bias, exclude="none")
     score_users(world.config, model_uri=str(world.checkpoint), run_date=RUN_DATE)
     recs = read_recs(world.exports_dir, RUN_DATE).collect()
     assert_same(as_dict(recs), reference_recs(world, top_k=8, max_history=10, exclude_seen=False))

@@ -55,9 +55,9 @@ def test_run_records_params_metrics_lineage_and_artifacts(tracked):
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["train.batch_size"] == "8" and params["model.hidden_size"] == "8"
     assert params["train.mask_seen_negatives"] == "None"  # automatic; what it resolved to is logged too
-    assert params["resolved.train.mask_seen_negatives"] == params["resolved.evaluate.exclude_seen"] == str(
-        config.sessions.mode == "user"
-    )
+    # the policy, resolved from the split's record (none here: the config's sessions.mode), is logged too
+    assert params["resolved.policy.exclude"] == ("all" if config.sessions.mode == "user" else "completed")
+    assert params["resolved.train.mask_seen_negatives"] == str(config.sessions.mode == "user")
     # per epoch, step = epoch
     for key in ("train_loss", "valid_mrr_20", "events_per_second", "epoch_seconds"):
         assert [m.step for m in client.get_metric_history(out["run_id"], key)] == [1], key

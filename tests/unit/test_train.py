@@ -5,8 +5,9 @@ from model_data import cyclic_sequences, write_split_dir
 import recsys.model.step as step_module
 from recsys.config import load_config
 from recsys.model.checkpoint import load_checkpoint
+from recsys.model.policy import Policy, resolve_mask_seen
 from recsys.training.epochs import _cpu_threads
-from recsys.training.train import NonFiniteLossError, resolve_mask_seen, train_model
+from recsys.training.train import NonFiniteLossError, train_model
 
 TINY = [
     "model.hidden_size=16",
@@ -102,14 +103,34 @@ def test_seen_negative_bitmap_follows_slot_resets(tmp_path, split_dir):
         assert set(torch.nonzero(trainer.seen[k]).flatten().tolist()) - {0} == fed - {0}
 
 
-def test_mask_seen_negatives_follows_the_exclude_seen_rule_unless_set(tmp_path):
-    def mask(*sets):
-        return resolve_mask_seen(load_config(overrides=[f"paths.data_root={tmp_path}", *sets]))
+def test_mask_seen_negatives_follows_the_policy_unless_set(tmp_path):
+    def mask(exclude, *sets):
+        config = load_config(overrides=[f"paths.data_root={tmp_path}", *sets])
+        return resolve_mask_seen(config, Policy(exclude=exclude))
 
-    assert mask("sessions.mode=user") is True  # whole-user sequences are evaluated with history masked
-    assert mask("sessions.mode=gap") is False  # re-watching within a session must stay learnable
-    assert mask("sessions.mode=gap", "evaluate.exclude_seen=true") is True
-    assert mask("sessions.mode=user", "train.mask_seen_negatives=false") is False
+    assert mask("all") is True  # every history item is excluded when ranking: no use as a negative
+    assert mask("completed") is False  # resumable and continuation items must stay learnable
+    assert mask("none") is False
+    # a learnt history bias only gets a gradient from history items that are negatives
+    assert mask("all", "model.history_bias=true") is False
+    assert mask("all", "train.mask_seen_negatives=false") is False
+
+
+def test_refit_vocabulary_includes_items_first_seen_in_validation(tmp_path):
+    from model_data import write_split_dir
+
+    from recsys.data.sequences import load_sequences
+    from recsys.data.vocab import Vocab
+    from recsys.training.train import refit_vocab
+
+    # 7 appears first in validation (A), then is a test target (B)
+    split = write_split_dir(tmp_path / "split", [[1, 2, 3, 4, 7, 5]] * 20 + [[2, 3, 4, 5, 8, 7]] * 20)
+    base = Vocab.load(split / "vocab.parquet")
+    grown = refit_vocab(split)
+    assert len(grown) > len(base)
+    test_base = load_sequences(split / "test.parquet", base)
+    test_grown = load_sequences(split / "test.parquet", grown)
+    assert test_grown.dropped["unseen_target"] < test_base.dropped["unseen_target"]
 
 
 def test_refit_replaces_best_with_a_train_plus_valid_model_and_resume_redoes_a_killed_refit(
@@ -151,12 +172,12 @@ def test_history_bias_learns_whether_the_data_repeat_items(tmp_path, repeats):
         seqs = [[int(i) for i in rng.permutation(40)[:15]] for _ in range(60)]
     split = write_split_dir(tmp_path / "split", seqs)
     res = train_model(
-        _config(tmp_path, "train.epochs=2", "model.history_bias=true", "evaluate.exclude_seen=false"),
+        _config(tmp_path, "train.epochs=2", "model.history_bias=true", "policy.exclude=none"),
         split, evaluate_test=False,
     )
     bias = float(load_checkpoint(res.best_checkpoint).model_state["history_bias"])
     assert bias > 0.2 if repeats else bias < -0.2
-    plain = train_model(_config(tmp_path / "plain", "train.epochs=2", "evaluate.exclude_seen=false"), split,
+    plain = train_model(_config(tmp_path / "plain", "train.epochs=2", "policy.exclude=none"), split,
                         evaluate_test=False)
     assert "history_bias" not in load_checkpoint(plain.best_checkpoint).model_state
     if not repeats:  # ranking watched items down is what unmasked evaluation rewards here
