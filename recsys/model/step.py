@@ -8,6 +8,7 @@ truncated back-propagation, as in GRU4Rec) and zeroed per slot exactly where a n
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,6 +26,8 @@ from recsys.model.losses import sampled_loss
 from recsys.model.optim import SparseRowOptimizer
 from recsys.model.sampling import NegativeSampler
 from recsys.model.static_step import StaticStep
+
+log = logging.getLogger(__name__)
 
 TABLES = ("item_out", "item_bias", "item_in")
 
@@ -73,6 +76,14 @@ class SessionParallelTrainer:
         ``mask_seen_negatives``, off when unset; ``train_model`` passes the resolved rule).
         ``static``: run the fast step on fixed buffers (recsys.model.static_step; default: on where
         ``train.cuda_graphs`` captures it, i.e. on CUDA); tests turn it on for CPU."""
+        plain_only = [name for name, on in (
+            ("train.logq_targets=count", cfg.logq_targets == "count"),
+            ("train.mask_duplicate_targets=false", not cfg.mask_duplicate_targets),
+            ("model.dropout_state=true", model.config.dropout_state),
+        ) if on]
+        if plain_only and cfg.fast_step:  # published-GRU4Rec options the hand-written step does not implement
+            log.info("training with the plain step: the fast step lacks %s", ", ".join(plain_only))
+            cfg = cfg.model_copy(update={"fast_step": False})
         if cfg.cuda_graphs and not cfg.fast_step:
             raise ValueError("train.cuda_graphs needs train.fast_step=true (the plain step is not static)")
         if device.type == "cpu":

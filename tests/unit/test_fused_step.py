@@ -173,3 +173,20 @@ def test_compiled_fast_step_equals_eager(loss):
     np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-4, atol=1e-5)
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize(("train", "model"), [
+    ({"logq_targets": "count"}, {}),
+    ({"mask_duplicate_targets": False}, {}),
+    ({}, {"dropout_state": True}),
+])
+def test_published_options_the_fast_step_lacks_train_with_the_plain_step(train, model):
+    """The published-GRU4Rec settings are implemented by the plain step only: asking for one of them must
+    never be silently ignored by the fast step."""
+    net = GRU4Rec(20, ModelConfig(hidden_size=8, **model))
+    trainer = SessionParallelTrainer(net, TrainConfig(batch_size=4, n_sample=4, fast_step=True, **train),
+                                     np.arange(1, 21), torch.device("cpu"))
+    assert trainer.cfg.fast_step is False
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        SessionParallelTrainer(net, TrainConfig(batch_size=4, n_sample=4, fast_step=True, cuda_graphs=True,
+                                                **train), np.arange(1, 21), torch.device("cpu"))
