@@ -25,6 +25,7 @@ if str(REPO) not in sys.path:  # `mkdocs build` from a checkout without `pip ins
     sys.path.insert(0, str(REPO))
 
 from pydantic import BaseModel  # noqa: E402
+from pydantic_core import to_jsonable_python  # noqa: E402
 
 from recsys.config import PROFILES_DIR, Config  # noqa: E402
 
@@ -106,12 +107,8 @@ def _constraints(metadata: list[Any]) -> str:
 
 
 def _literal(value: Any) -> str:
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, datetime):
-        value = value.isoformat()
+    # nested models (monitoring.limits), paths, timestamps: plain data
+    value = to_jsonable_python(value, exclude_none=True)
     if isinstance(value, str) and value:
         return f"`{value}`"
     if value is None:
