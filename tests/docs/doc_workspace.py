@@ -85,6 +85,12 @@ def write_sample_inputs(repo: Path, shared: Path) -> None:
         _write_text(root / "ml-100k/u.data", u_data)
         csv_rows = "".join(f"{u},{i},{r}.0,{t}\n" for u, i, r, t in rows)
         _write_text(root / "ml-latest-small/ratings.csv", "userId,movieId,rating,timestamp\n" + csv_rows)
+        items = sorted({i for _, i, _, _ in rows})  # catalogues of the same items (recsys catalogue)
+        flags = ["|".join("1" if g == n % 19 else "0" for g in range(19)) for n in range(19)]  # one genre
+        _write_text(root / "ml-100k/u.item", "".join(
+            f"{i}|Film {i} (1995)|01-Jan-1995||http://example.org/{i}|{flags[i % 19]}\n" for i in items))
+        _write_text(root / "ml-latest-small/movies.csv", "movieId,title,genres\n" + "".join(
+            f"{i},Film {i} (1995),Drama|Comedy\n" for i in items))
     _write_text(repo / "ml-1m/ratings.dat", "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows))
     clean = events.drop_nulls(["user_id", "item_id", "ts"]).head(500)
     _write_text(repo / "yoochoose-clicks.dat", "".join(
@@ -96,6 +102,16 @@ def write_sample_inputs(repo: Path, shared: Path) -> None:
     _write_text(repo / "logs/2026-03-01.csv.gz", "account,title_id,started_at,seconds_watched\n" + "".join(
         f"acc-{u},{i},{t},{w or 0}\n" for u, i, t, w in
         clean.select("user_id", "item_id", "ts", "watch_seconds").iter_rows()) + bad)
+
+    def day_log(day: str, n: int, first_user: int) -> str:  # docs/ingest-guarantees.md: late data, replace
+        return "".join(f"{1_000_000 + first_user + k},{100_000 + k % 50},"
+                       f"{day}T{10 + k // 60:02d}:{k % 60:02d}:00Z,600\n" for k in range(n))
+
+    header = "user_id,item_id,ts,watch_seconds\n"
+    _write_text(repo / "day-2026-01-01.csv", header + day_log("2026-01-01", 100, 0))
+    late = day_log("2026-01-01", 1, 500)  # one event of the day before
+    _write_text(repo / "day-2026-01-02.csv", header + day_log("2026-01-02", 50, 0) + late)
+    _write_text(repo / "corrected-2026-01-01.csv", header + day_log("2026-01-01", 101, 0))
     _write_text(repo / "export.txt", "".join(
         f"{u}|{i}|{t}\n" for u, i, t in clean.select("user_id", "item_id", "ts").iter_rows()))
     users = events.drop_nulls("user_id")["user_id"].unique().sort().head(3)
