@@ -25,6 +25,7 @@ if str(REPO) not in sys.path:  # `mkdocs build` from a checkout without `pip ins
     sys.path.insert(0, str(REPO))
 
 from pydantic import BaseModel  # noqa: E402
+from pydantic_core import to_jsonable_python  # noqa: E402
 
 from recsys.config import PROFILES_DIR, Config  # noqa: E402
 
@@ -88,7 +89,9 @@ def _type_name(annotation: Any) -> str:
     if origin is list:
         return f"list of {_type_name(args[0])}"
     if origin is dict:
-        return "mapping"
+        return f"mapping of {_type_name(args[1])}" if args else "mapping"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "{" + ", ".join(annotation.model_fields) + "}"
     simple = {bool: "bool", int: "int", float: "float", str: "string", Path: "path", datetime: "timestamp"}
     return simple.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
@@ -105,13 +108,19 @@ def _constraints(metadata: list[Any]) -> str:
     return ", ".join(parts)
 
 
-def _literal(value: Any) -> str:
+def _plain(value: Any) -> Any:
+    """YAML-safe data for any default: models (also inside mappings and lists) show only what they set."""
     if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, datetime):
-        value = value.isoformat()
+        return value.model_dump(mode="json", exclude_defaults=True)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    return to_jsonable_python(value)  # paths, timestamps, enums
+
+
+def _literal(value: Any) -> str:
+    value = _plain(value)
     if isinstance(value, str) and value:
         return f"`{value}`"
     if value is None:
