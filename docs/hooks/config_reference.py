@@ -89,7 +89,9 @@ def _type_name(annotation: Any) -> str:
     if origin is list:
         return f"list of {_type_name(args[0])}"
     if origin is dict:
-        return "mapping"
+        return f"mapping of {_type_name(args[1])}" if args else "mapping"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "{" + ", ".join(annotation.model_fields) + "}"
     simple = {bool: "bool", int: "int", float: "float", str: "string", Path: "path", datetime: "timestamp"}
     return simple.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
@@ -106,9 +108,19 @@ def _constraints(metadata: list[Any]) -> str:
     return ", ".join(parts)
 
 
+def _plain(value: Any) -> Any:
+    """YAML-safe data for any default: models (also inside mappings and lists) show only what they set."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_defaults=True)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    return to_jsonable_python(value)  # paths, timestamps, enums
+
+
 def _literal(value: Any) -> str:
-    # nested models (monitoring.limits), paths, timestamps: plain data
-    value = to_jsonable_python(value, exclude_none=True)
+    value = _plain(value)
     if isinstance(value, str) and value:
         return f"`{value}`"
     if value is None:

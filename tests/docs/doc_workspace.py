@@ -73,6 +73,27 @@ def _write_text(path: Path, text: str) -> None:
     path.write_bytes(gzip.compress(text.encode(), mtime=0) if path.suffix == ".gz" else text.encode())
 
 
+def _day_log(pairs: list[tuple], day: str, second: int) -> str:
+    """A CSV of one day's events in the contract's columns, one distinct time per row."""
+    return "user_id,item_id,ts\n" + "".join(f"{u},{i},{day}T{n // 60:02}:{n % 60:02}:{second:02}Z\n"
+                                             for n, (u, i) in enumerate(pairs))
+
+
+def _movielens_items(titles: pl.DataFrame) -> tuple[bytes, str]:
+    """MovieLens item files for the generated titles: ml-100k ``u.item`` (latin-1, ``|``, genre flags)
+    and ml-latest-small ``movies.csv`` (quoted titles, ``|``-joined genres)."""
+    genres = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+              "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+              "Thriller", "War", "Western"]
+    u_item, movies = [], ["movieId,title,genres"]
+    for item, title, genre in titles.iter_rows():
+        name = (genre or "unknown").capitalize()
+        flags = "|".join("1" if g == name else "0" for g in genres)
+        u_item.append(f"{item}|{title} (2026)|01-Jan-2026||http://example.invalid/{item}|{flags}\n")
+        movies.append(f'{item},"{title} (2026)",{name if name in genres else "(no genres listed)"}')
+    return "".join(u_item).encode("latin-1", errors="replace"), "\n".join(movies) + "\n"
+
+
 def write_sample_inputs(repo: Path, shared: Path) -> None:
     """Synthetic logs plus one small file in every input format the documentation ingests."""
     config = load_config(repo / "conf", values={"paths": {"data_root": str(repo / "data")}})
@@ -81,16 +102,15 @@ def write_sample_inputs(repo: Path, shared: Path) -> None:
     ratings = _ratings(events)
     rows = list(ratings.iter_rows())
     u_data = "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows)
+    titles = pl.read_parquet(repo / "data/raw/synthetic/catalogue.parquet",
+                             columns=["item_id", "title", "genre"])
+    u_item, movies = _movielens_items(titles)
     for root in (repo, shared):
         _write_text(root / "ml-100k/u.data", u_data)
+        (root / "ml-100k/u.item").write_bytes(u_item)
         csv_rows = "".join(f"{u},{i},{r}.0,{t}\n" for u, i, r, t in rows)
         _write_text(root / "ml-latest-small/ratings.csv", "userId,movieId,rating,timestamp\n" + csv_rows)
-        items = sorted({i for _, i, _, _ in rows})  # catalogues of the same items (recsys catalogue)
-        flags = ["|".join("1" if g == n % 19 else "0" for g in range(19)) for n in range(19)]  # one genre
-        _write_text(root / "ml-100k/u.item", "".join(
-            f"{i}|Film {i} (1995)|01-Jan-1995||http://example.org/{i}|{flags[i % 19]}\n" for i in items))
-        _write_text(root / "ml-latest-small/movies.csv", "movieId,title,genres\n" + "".join(
-            f"{i},Film {i} (1995),Drama|Comedy\n" for i in items))
+        _write_text(root / "ml-latest-small/movies.csv", movies)
     _write_text(repo / "ml-1m/ratings.dat", "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows))
     clean = events.drop_nulls(["user_id", "item_id", "ts"]).head(500)
     _write_text(repo / "yoochoose-clicks.dat", "".join(
@@ -102,18 +122,14 @@ def write_sample_inputs(repo: Path, shared: Path) -> None:
     _write_text(repo / "logs/2026-03-01.csv.gz", "account,title_id,started_at,seconds_watched\n" + "".join(
         f"acc-{u},{i},{t},{w or 0}\n" for u, i, t, w in
         clean.select("user_id", "item_id", "ts", "watch_seconds").iter_rows()) + bad)
-
-    def day_log(day: str, n: int, first_user: int) -> str:  # docs/ingest-guarantees.md: late data, replace
-        return "".join(f"{1_000_000 + first_user + k},{100_000 + k % 50},"
-                       f"{day}T{10 + k // 60:02d}:{k % 60:02d}:00Z,600\n" for k in range(n))
-
-    header = "user_id,item_id,ts,watch_seconds\n"
-    _write_text(repo / "day-2026-01-01.csv", header + day_log("2026-01-01", 100, 0))
-    late = day_log("2026-01-01", 1, 500)  # one event of the day before
-    _write_text(repo / "day-2026-01-02.csv", header + day_log("2026-01-02", 50, 0) + late)
-    _write_text(repo / "corrected-2026-01-01.csv", header + day_log("2026-01-01", 101, 0))
     _write_text(repo / "export.txt", "".join(
         f"{u}|{i}|{t}\n" for u, i, t in clean.select("user_id", "item_id", "ts").iter_rows()))
+    pairs = list(clean.select("user_id", "item_id").iter_rows())  # docs/ingest-guarantees.md: late data
+    _write_text(repo / "day-2026-01-01.csv", _day_log(pairs[:100], "2026-01-01", 0))
+    late_user, late_item = pairs[150]  # one event of 01-01 that arrives with the next day's log
+    _write_text(repo / "day-2026-01-02.csv", _day_log(pairs[100:150], "2026-01-02", 0)
+                + f"{late_user},{late_item},2026-01-01T23:59:00Z\n")
+    _write_text(repo / "corrected-2026-01-01.csv", _day_log(pairs[:100], "2026-01-01", 30))
     users = events.drop_nulls("user_id")["user_id"].unique().sort().head(3)
     pl.DataFrame({"user_id": users}).write_parquet(repo / "users.parquet")
     _write_text(repo / "withdrawn.txt", "".join(f"{i}\n" for i in clean["item_id"].unique().sort().head(2)))

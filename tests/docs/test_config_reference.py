@@ -63,3 +63,17 @@ def test_api_reference_lists_every_export_where_it_is_defined():
     for name in recsys.serving.__all__:
         assert f".{name}\n" in text
     assert "::: recsys.serving.export.read_recs" in text
+
+
+def test_defaults_with_nested_models_are_shown_as_what_they_set():
+    from pydantic import BaseModel
+
+    class Bound(BaseModel):
+        low: float | None = None
+        high: float | None = None
+
+    shown = ref._literal({"a": Bound(low=0.1), "b": [Bound(high=2.0)]})
+    assert shown == "`{a: {low: 0.1}, b: [{high: 2.0}]}`"
+    assert ref._literal(Path("x/y")) == "`x/y`"
+    text, _ = ref.render_reference(REPO / "conf")
+    assert "| `monitoring.limits` |" in text and "| `coverage` | `{warn_below: 0.05}` |" in text
