@@ -196,7 +196,9 @@ def test_postgres_backed_stack_runs_pipelines_trainings_and_promotions(postgres,
         # every training registered its own version, and that version got its own decision
         from mlflow import MlflowClient
 
-        store = MlflowClient(tracking_uri=f"http://127.0.0.1:{mlflow_port}")
+        # registry_uri too: an in-process test before this one may have set MLflow's global registry URI
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        store = MlflowClient(tracking_uri=uri, registry_uri=uri)
         versions = store.search_model_versions("name='recsys-gru4rec'")
         assert len(versions) == 5  # pipeline, two weekly trainings, two pipelines
         assert len({v.run_id for v in versions}) == 5
