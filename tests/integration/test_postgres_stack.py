@@ -206,8 +206,10 @@ def test_postgres_backed_stack_runs_pipelines_trainings_and_promotions(postgres,
         champion = store.get_model_version_by_alias("recsys-gru4rec", "champion")
         assert champion.tags["promotion.decision"] == "promoted"
         experiment = store.get_experiment_by_name("recsys")
-        trained = store.search_runs([experiment.experiment_id])
-        assert {r.info.status for r in trained} == {"FINISHED"}
+        runs = store.search_runs([experiment.experiment_id])
+        assert {r.info.status for r in runs} == {"FINISHED"}  # trainings and the exports' score runs
+        trained = [r for r in runs if r.data.tags.get("recsys.kind") == "train"]
+        assert len(trained) == 5 and {r.data.tags.get("recsys.kind") for r in runs} == {"train", "score"}
         assert all(r.data.params["tracking.tracking_uri"] == f"http://***@127.0.0.1:{mlflow_port}"
                    for r in trained)
         assert any(artifacts.rglob("checkpoint.pt")) and not (data / "mlflow" / "mlflow.db").exists()
