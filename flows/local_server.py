@@ -45,12 +45,13 @@ def _port_taken(port: int) -> bool:
     return False
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the process group we started (server workers included), SIGKILL if it hangs."""
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -91,4 +92,4 @@ def prefect_api(home: Path, port: int, timeout: float = 180.0) -> Iterator[tuple
         yield url, True
     finally:
         os.environ.pop(API_URL_ENV, None)
-        _stop(proc)
+        stop_process_group(proc)

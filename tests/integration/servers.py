@@ -9,7 +9,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from flows.local_server import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -37,16 +38,7 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM the process group we started (server workers included), SIGKILL if it hangs."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+stop = stop_process_group  # the one used by `recsys serve` for the server it starts
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> float:
