@@ -150,7 +150,7 @@ class FusedStep:
         self.shared = model.item_in is None
         self.mm_dtype = torch.bfloat16 if trainer.use_amp else None
         self.step_tensor = torch.zeros((), device=dev)  # [] Adam's step count, as a tensor (static graphs)
-        self.compiled = bool(self.cfg.compile)
+        self.compiled = self.cfg.compile is True  # "auto" is resolved by the trainer's prepare()
         if self.compiled:  # one graph: forward, backward and update fused by inductor (static shapes)
             self.run = torch.compile(self.run, dynamic=False)
 
