@@ -423,6 +423,7 @@ def run_speed(
                     # per second of this process's CPU time: less sensitive to a shared machine's load
                     "events_per_cpu_second": plan.n_events / cpu,
                     "loss": loss,
+                    "steps": plan.n_steps,  # the epoch's plan: idle slots at its tail make steps vary
                     "load_before": load_before,
                     "load_after": load_avg(),
                 }
