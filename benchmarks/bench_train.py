@@ -616,7 +616,7 @@ def print_speed_table(console, sp: dict, title: str) -> None:
     if "epochs" in orig:
         rows = [("original (authors' code)", orig)]
     else:
-        table.add_row("original (authors' code)", orig["not_run"], *[""] * (n_epochs + 7))
+        table.add_row("original (authors' code)", orig["not_run"], *[""] * (n_epochs + 6))
         rows = []
     rows += list(sp["variants"].items())
     for name, v in rows:
