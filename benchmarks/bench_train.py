@@ -1,14 +1,15 @@
 """GRU4Rec benchmark: accuracy (MovieLens and synthetic data) vs baselines, and training speed.
 
     .venv/bin/python benchmarks/bench_train.py [--part accuracy,speed,temporal,synthetic] [--seeds 3]
-        [--device cpu|cuda] [--synthetic-events 300000]
+        [--device cpu|cuda] [--synthetic-events 300000] [--original PATH]
 
 Parts: ``accuracy`` ml-100k leave-one-out; ``temporal`` ml-latest-small, temporal split; ``synthetic``
 the generator's viewing logs through the whole pipeline with ``conf/`` as it ships (gap sessions,
 temporal split); ``speed`` training events/s at the issue's fixed setting on ml-100k and on the
-generated data, the plain (autograd) step, the hand-written step and the compiled hand-written step
-side by side, every epoch including the first; ``speed-gpu`` (not in the default set) the GPU figures
-for benchmarks/device_check.sh.
+generated data, the original authors' code (``--original PATH``: a folder holding their
+gru4rec_pytorch.py, run by benchmarks/original_gru4rec.py in its own process), the plain (autograd) step,
+the hand-written step and the compiled hand-written step side by side, every epoch including the first;
+``speed-gpu`` (not in the default set) the GPU figures for benchmarks/device_check.sh.
 
 Prints a rich table and writes ``benchmarks/results/bench_train.json``. The MovieLens files are read
 from ``../shared/data`` (or ``--data``), never copied into the repository. Splits are built by the
@@ -320,6 +321,37 @@ SPEED_VARIANTS = (
 )
 
 
+NOT_RUN = "not run (pass --original PATH)"
+
+
+def run_original(code: Path | None, split_dir: Path, cfg: Config, threads: int | None, epochs: int,
+                 log) -> dict:
+    """The original authors' GRU4Rec (``code``/gru4rec_pytorch.py) on the same training sequences and
+    settings, in its own process (benchmarks/original_gru4rec.py); {"not_run": why} without ``code``."""
+    if code is None:
+        return {"not_run": NOT_RUN}
+    t, m = cfg.train, cfg.model
+    if t.loss != "cross_entropy" or m.embedding != "shared" or m.n_layers != 1:
+        return {"not_run": "the original is driven for cross-entropy, shared embedding, one layer only"}
+    cmd = [
+        sys.executable, str(Path(__file__).resolve().parent / "original_gru4rec.py"),
+        "--code", str(code), "--split", str(split_dir), "--epochs", str(epochs),
+        "--hidden", str(m.hidden_size), "--batch-size", str(t.batch_size), "--n-sample", str(t.n_sample),
+        "--learning-rate", str(t.learning_rate), "--momentum", str(t.momentum),
+        "--sample-alpha", str(t.sample_alpha), "--logq", str(t.logq), "--threads", str(threads or 1),
+    ]
+    log(f"  original: {code / 'gru4rec_pytorch.py'} in its own process (load {load_avg()})")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the original GRU4Rec failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for e in result["epochs"]:
+        log(f"  original epoch {e['epoch']}: {e['events_per_second']:,.0f} events/s, "
+            f"{e['events_per_cpu_second']:,.0f} per CPU-second ({e['seconds']:.2f} s, loss {e['loss']:.4f}, "
+            f"load {e['load_after']})")
+    return result
+
+
 def run_speed(
     split_dir: Path,
     root: Path,
@@ -329,12 +361,16 @@ def run_speed(
     epochs: int = 3,
     extra: list[str] = (),
     variants=SPEED_VARIANTS,
+    original: Path | None = None,
 ) -> dict:
     """Training events/s per epoch, the first included, of every step variant at the fixed speed setting.
 
     Epoch e of every variant runs before epoch e + 1 of any (and the variants rotate their order), so
     a change of machine load hits them alike; ``uptime`` load is recorded beside each epoch. The epoch
     plan is reshuffled per epoch as in training and shared by the variants. No validation is timed.
+    With ``original`` (a folder holding the original authors' gru4rec_pytorch.py), that code first
+    trains the same sequences for the same number of epochs in its own process (it runs its epochs in
+    one ``fit`` call, so it cannot take turns with ours; its load is recorded per epoch too).
     """
     import torch
 
@@ -348,6 +384,9 @@ def run_speed(
     vocab = Vocab.load(split_dir / "vocab.parquet")
     train = load_sequences(split_dir / "train.parquet", vocab)
     trainers, out = {}, {"variants": {}}
+    speed_cfg = bench_config(root, "leave_one_out", [*SPEED_OVERRIDES, f"train.device={device}", *extra],
+                             profile=None)
+    out["original"] = run_original(original, split_dir, speed_cfg, threads, epochs, log)
     for name, sets in variants:
         cfg = bench_config(
             root, "leave_one_out", [*SPEED_OVERRIDES, f"train.device={device}", *extra, *sets], profile=None
@@ -384,6 +423,7 @@ def run_speed(
                     # per second of this process's CPU time: less sensitive to a shared machine's load
                     "events_per_cpu_second": plan.n_events / cpu,
                     "loss": loss,
+                    "steps": plan.n_steps,  # the epoch's plan: idle slots at its tail make steps vary
                     "load_before": load_before,
                     "load_after": load_avg(),
                 }
@@ -405,6 +445,16 @@ def run_speed(
             for v in out["variants"].values():  # per epoch ratio, then the mean: same load for both
                 v[f"speedup_vs_plain_{key}"] = float(
                     np.mean([e[key] / b for e, b in zip(v["epochs"], base, strict=True)])
+                )
+    if "epochs" in out["original"]:
+        orig = out["original"]
+        for key in ("events_per_second", "events_per_cpu_second"):
+            rates = [e[key] for e in orig["epochs"]]
+            later = float(np.mean(rates[1:])) if len(rates) > 1 else rates[0]
+            orig[f"first_vs_later_{key}"] = rates[0] / later
+            for v in out["variants"].values():  # epoch e against the original's epoch e
+                v[f"speedup_vs_original_{key}"] = float(
+                    np.mean([e[key] / b for e, b in zip(v["epochs"], rates, strict=True)])
                 )
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -537,42 +587,7 @@ def print_tables(result: dict) -> None:
     for key, title in (("speed", "ml-100k"), ("speed_synthetic", "synthetic")):
         if key not in result or "variants" not in result[key]:
             continue
-        sp = result[key]
-        names = list(sp["variants"])
-        table = Table(
-            title=f"training speed, {title}: events/s per epoch, hidden 100, batch 64, n_sample 512, "
-            f"cross-entropy, shared embedding, {sp['threads']} thread(s), {sp['device']}"
-        )
-        cols = ["epoch", *names, *(f"{n} /CPU-s" for n in names)]
-        for col in (*cols, "loss (" + " / ".join(names) + ")", "load (1 min) before -> after"):
-            table.add_column(col)
-        n_epochs = len(sp["variants"][names[0]]["epochs"])
-        for i in range(n_epochs):
-            eps = [sp["variants"][n]["epochs"][i] for n in names]
-            table.add_row(
-                str(i + 1),
-                *(f"{e['events_per_second']:,.0f}" for e in eps),
-                *(f"{e['events_per_cpu_second']:,.0f}" for e in eps),
-                " / ".join(f"{e['loss']:.4f}" for e in eps),
-                f"{eps[0]['load_before'].split()[0]} -> {eps[-1]['load_after'].split()[0]}",
-            )
-        keys = ("events_per_second", "events_per_cpu_second")
-        variants = [sp["variants"][n] for n in names]
-        table.add_row(
-            "first/later", *(f"{v[f'first_vs_later_{k}']:.2f}" for k in keys for v in variants), "", ""
-        )
-        table.add_row(
-            "vs plain",
-            *(f"{v.get(f'speedup_vs_plain_{k}', float('nan')):.2f}x" for k in keys for v in variants),
-            "", "",
-        )
-        console.print(table)
-        compiled = {n: v["prepare_seconds"] for n, v in sp["variants"].items() if v["prepare_seconds"]}
-        console.print(
-            f"{sp['n_events']:,} events, {sp['n_steps']:,} steps per epoch; compile time (before epoch 1): "
-            + (", ".join(f"{n} {s:.1f} s" for n, s in compiled.items()) or "none")
-            + f"; peak RSS {sp['peak_rss_mb']:.0f} MB; target >= 50,000 events/s, first epoch within 10%"
-        )
+        print_speed_table(console, result[key], title)
     if "speed_gpu" in result and "runs" in result["speed_gpu"]:
         sg = result["speed_gpu"]
         table = Table(title=f"GPU training speed ({sg['device']}, {sg['n_events']:,} synthetic events, "
@@ -583,6 +598,49 @@ def print_tables(result: dict) -> None:
             table.add_row(str(r["batch_size"]), r["step"], str(r["cuda_graphs"]), str(r["bf16"]),
                           f"{r['events_per_second']:,.0f}", f"{r['steps_per_second']:,.0f}")
         console.print(table)
+
+
+def print_speed_table(console, sp: dict, title: str) -> None:
+    """One row per step: the original authors' code, then ours (plain, fast, fast+compile), side by side."""
+    from rich.table import Table
+
+    n_epochs = len(next(iter(sp["variants"].values()))["epochs"])
+    table = Table(
+        title=f"training speed, {title}: events/s per epoch, hidden 100, batch 64, n_sample 512, "
+        f"cross-entropy, shared embedding, {sp['threads']} thread(s), {sp['device']}"
+    )
+    for col in ("step", *(f"epoch {i + 1}" for i in range(n_epochs)), "per CPU-s (mean)", "first/later",
+                "vs original", "vs original /CPU-s", "vs plain", "loss per epoch", "load (1 min) per epoch"):
+        table.add_column(col)
+    orig = sp.get("original", {"not_run": NOT_RUN})
+    if "epochs" in orig:
+        rows = [("original (authors' code)", orig)]
+    else:
+        table.add_row("original (authors' code)", orig["not_run"], *[""] * (n_epochs + 6))
+        rows = []
+    rows += list(sp["variants"].items())
+    for name, v in rows:
+        eps = v["epochs"]
+        ratio = lambda k, v=v: f"{v[k]:.2f}x" if k in v else ""  # noqa: E731
+        table.add_row(
+            name,
+            *(f"{e['events_per_second']:,.0f}" for e in eps),
+            f"{np.mean([e['events_per_cpu_second'] for e in eps]):,.0f}",
+            f"{v['first_vs_later_events_per_second']:.2f}",
+            "1.00x" if v is orig else ratio("speedup_vs_original_events_per_second"),
+            "1.00x" if v is orig else ratio("speedup_vs_original_events_per_cpu_second"),
+            ratio("speedup_vs_plain_events_per_second"),
+            " / ".join(f"{e['loss']:.4f}" for e in eps),
+            " / ".join(e["load_after"].split()[0] for e in eps),
+        )
+    console.print(table)
+    compiled = {n: v["prepare_seconds"] for n, v in sp["variants"].items() if v["prepare_seconds"]}
+    console.print(
+        f"{sp['n_events']:,} events, {sp['n_steps']:,} steps in the last epoch; compile (before epoch 1): "
+        + (", ".join(f"{n} {s:.1f} s" for n, s in compiled.items()) or "none")
+        + f"; peak RSS {sp['peak_rss_mb']:.0f} MB; target >= 50,000 events/s and >= 2x the original, "
+        "first epoch within 10%. The original ran its epochs first, in its own process (one fit call)."
+    )
 
 
 def merge(files: list[Path], out: Path) -> None:
@@ -622,6 +680,12 @@ def main() -> None:
         help="direct: file-order timestamp ties (the reference run's protocol); pipeline: recsys stages",
     )
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra config override")
+    parser.add_argument(
+        "--original",
+        type=Path,
+        default=None,
+        help="speed: folder holding the original authors' gru4rec_pytorch.py (docs/training-speed.md)",
+    )
     parser.add_argument("--seed-list", default=None, help="e.g. 2,3 (default: 1..--seeds)")
     parser.add_argument(
         "--merge",
@@ -655,7 +719,8 @@ def main() -> None:
             if "speed" in parts:
                 log(f"speed ml-100k (load {load_avg()})")
                 result["speed"] = run_speed(
-                    split_dir, root, args.device, args.threads, log, args.speed_epochs, args.sets
+                    split_dir, root, args.device, args.threads, log, args.speed_epochs, args.sets,
+                    original=args.original,
                 )
             if "accuracy" in parts:
                 log(f"accuracy ml-100k leave-one-out (load {load_avg()})")
@@ -675,7 +740,8 @@ def main() -> None:
             split_dir = prepare_synthetic(root, args.synthetic_events)
             log(f"speed synthetic, {args.synthetic_events:,} generated events (load {load_avg()})")
             result["speed_synthetic"] = run_speed(
-                split_dir, root, args.device, args.threads, log, args.speed_epochs, args.sets
+                split_dir, root, args.device, args.threads, log, args.speed_epochs, args.sets,
+                original=args.original,
             )
         if "speed-gpu" in parts:
             log(f"speed GPU (load {load_avg()})")

@@ -221,7 +221,9 @@ class TrainConfig(Section):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA only
-    compile: bool = False  # torch.compile the plain step's forward/backward (CUDA: measure before enabling)
+    # torch.compile the fast step (CPU ~2x per step; 5-60 s to compile, cached on disk). auto: on for a CPU
+    # run whose epochs x steps reach AUTO_COMPILE_MIN_STEPS (recsys.model.step), off for short runs and CUDA
+    compile: bool | Literal["auto"] = "auto"
     # the hand-written step (forward, backward, update in few static-shape ops); false: autograd (reference)
     fast_step: bool = True
     # CUDA only: capture the fast step once as a CUDA graph and replay it (needs fast_step, adagrad_momentum)

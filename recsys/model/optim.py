@@ -4,7 +4,8 @@ Item tables (``item_out``, ``item_bias``, ``item_in``) receive gradients only fo
 touched; the training step gathers those rows as detached leaves and hands ``(indices, row gradients)``
 here, so no dense ``[n_items, H]`` gradient is ever materialised or zeroed and untouched rows keep
 their accumulators and velocities unchanged. Duplicate indices are summed through a persistent scratch
-buffer (``index_add_`` then gather), which needs no ``unique`` and therefore no host-device sync on CUDA.
+buffer (zero the touched rows, ``index_add_``, gather), which needs no ``unique`` and therefore no
+host-device sync on CUDA.
 Dense parameters (the recurrent weights) use the same rule with ``torch._foreach`` kernels.
 """
 
@@ -75,12 +76,16 @@ class SparseRowOptimizer:
     # --- update ---------------------------------------------------------------------------------------
 
     def _sum_rows(self, name: str, idx: Tensor, grad: Tensor) -> Tensor:
-        """Gradient rows summed over duplicate indices, one row per occurrence: [K, ...]."""
+        """Gradient rows summed over duplicate indices, one row per occurrence: [K, ...].
+
+        The touched rows of the scratch buffer are zeroed *before* the sum (rows left over from earlier
+        steps are never read): compiled by inductor, each of these writes then happens in place, whereas
+        zeroing after the read made it copy the whole [n_items, ...] buffer twice per step.
+        """
         buf = self._scratch[name]
+        buf.index_fill_(0, idx, 0.0)  # [n, ...]
         buf.index_add_(0, idx, grad.to(buf.dtype))  # [n, ...]
-        rows = buf.index_select(0, idx)  # [K, ...] duplicates read the same summed row
-        buf.index_fill_(0, idx, 0.0)
-        return rows
+        return buf.index_select(0, idx)  # [K, ...] duplicates read the same summed row
 
     def _clip_scale(
         self, dense_grads: list[Tensor], sparse: dict[str, tuple[Tensor, Tensor]]
@@ -91,11 +96,11 @@ class SparseRowOptimizer:
         sq = torch.stack([g.square().sum() for g in dense_grads]).sum() if dense_grads else None  # []
         for name, (idx, rows) in sparse.items():
             cnt = self._count[name]
+            cnt.index_fill_(0, idx, 0.0)  # [n] zeroed before the count (see _sum_rows)
             cnt.index_add_(0, idx, torch.ones_like(idx, dtype=cnt.dtype))  # [n]
             per_row = rows.reshape(rows.shape[0], -1).square().sum(1) / cnt.index_select(
                 0, idx
             )  # [K] once each
-            cnt.index_fill_(0, idx, 0.0)
             sq = per_row.sum() if sq is None else sq + per_row.sum()
         if sq is None:
             return None

@@ -30,6 +30,21 @@ from recsys.model.static_step import StaticStep
 log = logging.getLogger(__name__)
 
 TABLES = ("item_out", "item_bias", "item_in")
+# train.compile=auto compiles a CPU run of at least this many steps (epochs x steps per epoch): at the
+# issue's setting the compiled step saves ~0.8 ms of ~1.8 ms, so 30,000 steps save ~25 s, what a cold
+# compile costs on a 2-core box (a warm one, from inductor's disk cache, takes 3-5 s). Shorter runs (the
+# tests, the demo, small tuning trials) stay eager. docs/training-speed.md.
+AUTO_COMPILE_MIN_STEPS = 30_000
+
+
+def should_compile(cfg: TrainConfig, device: torch.device, steps_per_epoch: int) -> bool:
+    """``train.compile`` resolved for one run: true/false as set; auto as described at AUTO_COMPILE_MIN_STEPS.
+
+    Only the fast step is ever compiled; on CUDA auto stays off (unmeasured there; CUDA graphs are the
+    GPU's way to cut per-step overhead)."""
+    if cfg.compile != "auto":
+        return bool(cfg.compile)
+    return cfg.fast_step and device.type == "cpu" and cfg.epochs * steps_per_epoch >= AUTO_COMPILE_MIN_STEPS
 
 
 def rng_snapshot(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -109,8 +124,8 @@ class SessionParallelTrainer:
         self.static = self.graphs if static is None else static
         self._fused: FusedStep | StaticStep | None = None
         self._fused_batch = 0
-        self._forward = (
-            torch.compile(self._forward_loss, dynamic=False) if cfg.compile else self._forward_loss
+        self._forward = (  # the plain step compiles its forward only when asked to explicitly
+            torch.compile(self._forward_loss, dynamic=False) if cfg.compile is True else self._forward_loss
         )
 
     def _forward_loss(
@@ -177,14 +192,21 @@ class SessionParallelTrainer:
             self.rows = torch.arange(B, device=self.device)  # [B]
         return self._fused(inputs, targets, keep, active, self.sampler.draw(), state, self.seen)
 
-    def prepare(self, batch_size: int, force: bool = False) -> float:
+    def prepare(self, batch_size: int, force: bool = False, steps_per_epoch: int | None = None) -> float:
         """Compile the fast step (``train.compile``) before an epoch's clock starts; returns the seconds.
 
-        Runs one step on dummy inputs and then puts back everything it changed (parameters, optimiser
-        state, sampler stream, RNG, history bitmap), so training is exactly as if it had not run; the
-        compiled code (and inductor's on-disk cache) stays. A no-op without ``compile`` (unless ``force``)
-        or once done.
+        ``train.compile=auto`` is decided here, once, from ``steps_per_epoch`` (the first epoch's plan;
+        without it auto means off). Runs one step on dummy inputs and then puts back everything it
+        changed (parameters, optimiser state, sampler stream, RNG, history bitmap), so training is exactly
+        as if it had not run; the compiled code (and inductor's on-disk cache) stays. A no-op without
+        ``compile`` (unless ``force``) or once done.
         """
+        if self.cfg.compile == "auto":
+            on = should_compile(self.cfg, self.device, steps_per_epoch or 0)
+            self.cfg = self.cfg.model_copy(update={"compile": on})
+            if on:
+                log.info("train.compile=auto: compiling the step (%d epochs x %d steps)", self.cfg.epochs,
+                         steps_per_epoch)
         if not self.cfg.fast_step or self._fused_batch == batch_size or not (self.cfg.compile or force):
             return 0.0
         t0 = time.perf_counter()

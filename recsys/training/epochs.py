@@ -97,7 +97,8 @@ def run_epoch(
                       by_start_time=cfg.epoch_order == "start_time")
     dplan = plan.to_torch(device)
     with _cpu_threads(device, cfg.threads):
-        seconds = trainer.prepare(plan.inputs.shape[1])  # train.compile: compiled before the clock starts
+        # train.compile: compiled before the clock starts (auto decides from the run's length)
+        seconds = trainer.prepare(plan.inputs.shape[1], steps_per_epoch=plan.n_steps)
     if seconds:
         log.info("compiled the training step in %.1f s", seconds)
     progress = _Progress(epoch, plan.n_steps, plan.n_events)

@@ -12,7 +12,7 @@ import torch
 from recsys.config import ModelConfig, TrainConfig
 from recsys.model.batching import plan_epoch
 from recsys.model.gru4rec import GRU4Rec
-from recsys.model.step import SessionParallelTrainer
+from recsys.model.step import SessionParallelTrainer, should_compile
 
 N_ITEMS = 30
 # Besides the defaults: two layers, both dropouts, the history bias, logQ, momentum, masked history
@@ -190,3 +190,28 @@ def test_published_options_the_fast_step_lacks_train_with_the_plain_step(train, 
     with pytest.raises(ValueError, match="cuda_graphs"):
         SessionParallelTrainer(net, TrainConfig(batch_size=4, n_sample=4, fast_step=True, cuda_graphs=True,
                                                 **train), np.arange(1, 21), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("setting", "device", "epochs", "steps", "fast", "want"), [
+    ("auto", "cpu", 10, 2_999, True, False),  # short: the compile would not pay for itself
+    ("auto", "cpu", 10, 3_000, True, True),  # 30,000 steps
+    ("auto", "cuda", 10, 10_000, True, False),  # CUDA: graphs, not inductor
+    ("auto", "cpu", 10, 10_000, False, False),  # only the fast step is compiled
+    (True, "cpu", 1, 1, True, True),
+    (False, "cpu", 100, 100_000, True, False),
+])
+def test_compile_auto_is_on_only_for_long_cpu_runs(setting, device, epochs, steps, fast, want):
+    cfg = TrainConfig(compile=setting, epochs=epochs, fast_step=fast)
+    assert should_compile(cfg, torch.device(device), steps) is want
+
+
+def test_prepare_resolves_compile_auto_once():
+    """A short run with the default train.compile=auto stays eager: prepare() compiles nothing."""
+    model = GRU4Rec(N_ITEMS, ModelConfig(hidden_size=8))
+    trainer = SessionParallelTrainer(model, TrainConfig(batch_size=6, n_sample=10, epochs=2),
+                                     np.arange(1, N_ITEMS + 1), torch.device("cpu"))
+    assert trainer.cfg.compile == "auto"
+    assert trainer.prepare(6, steps_per_epoch=50) == 0.0
+    assert trainer.cfg.compile is False
+    losses, _, _ = _train_steps(True, model.config, trainer.cfg, trainer=trainer)
+    assert not trainer._fused.compiled and np.isfinite(losses).all()
