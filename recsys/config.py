@@ -273,6 +273,9 @@ class PolicyConfig(Section):
     # the episode after the latest one watched of each followed series stays eligible; None: on when a
     # catalogue with series is found
     continue_series: bool | None = None
+    # with continuation on: the next episodes of this many most recently watched series lead the list;
+    # None: recsys.model.policy.DEFAULT_CONTINUATION_SLOTS at training, the stored value when ranking
+    continuation_slots: int | None = Field(None, ge=0)
     catalogue: Path | None = None  # item_id, series_id, season, episode; None: raw/*/catalogue.parquet
     partial_event_types: list[str] = ["partial"]  # event_type of unfinished watches (resumable)
     override: bool = False  # rank a model under rules other than its stored ones (recorded)

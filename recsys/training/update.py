@@ -338,8 +338,9 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
     })
     model = model.to(device)
     # the parent's rules, with the series structure rebuilt over the grown vocabulary (new episodes too)
-    policy = replace(resolve_policy(config, vocab), exclude=parent.policy.exclude,
+    policy = replace(resolve_policy(config, vocab, split_dir), exclude=parent.policy.exclude,
                      continue_series=parent.policy.continue_series,
+                     continuation_slots=parent.policy.continuation_slots,
                      partial_event_types=parent.policy.partial_event_types)
     # the sampler draws negatives from what the pass trains on (new items included), never from zero counts
     sample_counts = np.bincount(seqs.items, minlength=len(vocab)) + 1
