@@ -81,7 +81,8 @@ def base_overrides(root: Path, args: argparse.Namespace) -> list[str]:
             f"train.patience={args.epochs}", f"model.hidden_size={args.hidden}",
             f"train.n_sample={args.n_sample}", "train.device=cpu", "tracking.system_metrics=false",
             "split.valid_days=1", "split.test_days=1",  # test_cutoff (set per replay day) wins
-            "evaluate.knn_neighbours=20", f"update.epochs={args.update_epochs}", *args.overrides]
+            "evaluate.knn_neighbours=20",
+            *([f"update.epochs={args.update_epochs}"] if args.update_epochs else []), *args.overrides]
 
 
 def prepare(dataset: str, root: Path, args: argparse.Namespace) -> Config:
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots-sweep", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
                         help="also rank every arm's models with these continuation_slots, e.g. 0,1,2,3")
     parser.add_argument("--epochs", type=int, default=3, help="full-training epochs")
-    parser.add_argument("--update-epochs", type=int, default=2)
+    parser.add_argument("--update-epochs", type=int, default=None, help="default: update.epochs")
     parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--n-sample", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)

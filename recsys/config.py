@@ -373,10 +373,10 @@ class UpdateConfig(Section):
     new_days: float = Field(7.0, gt=0)  # sequences ending in the last N days before the cutoff are new data
     replay_fraction: float = Field(0.3, ge=0, lt=1)  # share of the pass drawn from older training sequences
     context_events: int = Field(20, ge=0)  # earlier events kept before the new window (whole-user sequences)
-    epochs: int = Field(2, ge=1)  # warm-started passes over new + replay data
+    epochs: int = Field(1, ge=1)  # warm-started passes over new + replay data
     lr_scale: float = Field(1.0, gt=0)  # learning rate = train.learning_rate * lr_scale (fresh optimiser)
     # weight of the parent in the final shared weights (old rows, recurrent layers): against forgetting
-    parent_weight: float = Field(0.5, ge=0, lt=1)
+    parent_weight: float = Field(0.7, ge=0, lt=1)
     neighbours: int = Field(20, ge=1)  # known items of nearest recent popularity used to initialise a new one
     use_catalogue: bool = True  # add released catalogue items even before their first event
     run_name: str = "update"  # checkpoints go to paths.checkpoints_dir / run_name / <parent>-<cutoff>
