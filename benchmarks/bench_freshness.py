@@ -311,6 +311,9 @@ def summarise(per_day: list[dict[str, Any]], sweep_slots: list[str]) -> dict[str
     out["slots_sweep"] = {
         arm: {s: {sub: _weighted(per_day, lambda d, a=arm, s=s: d["slots_sweep"].get(a, {}).get(s), sub)
                   for sub in ("all", "new", "old")} for s in sweep_slots} for arm in ARMS}
+    ceiling = [d for d in per_day if "daily-retrain" in d["metrics"]]  # every arm over the ceiling's days
+    out["on_retrain_days"] = {arm: {sub: _weighted(ceiling, lambda d, a=arm: d["metrics"][a], sub)
+                                    for sub in ("all", "new", "old")} for arm in ARMS}
     both = [d for i, d in enumerate(per_day) if i % 7 and d["seconds"]["daily-retrain"] is not None]
     upd = [d["seconds"]["weekly+update"] for d in both]
     full = [d["seconds"]["daily-retrain"] for d in both]
@@ -347,6 +350,11 @@ def print_table(result: dict[str, Any]) -> None:
         for slots, sub in by_slots.items():
             print(f"sweep {arm} continuation_slots={slots}: HR@20 all {sub['all']['hr']:.4f} new "
                   f"{sub['new']['hr']:.4f} old {sub['old']['hr']:.4f} | MRR@20 all {sub['all']['mrr']:.4f}")
+    for arm, sub in s["on_retrain_days"].items():
+        print(f"on the {s['daily-retrain']['days']} daily-retrain days, {arm}: "
+              f"HR@20 all {sub['all']['hr']:.4f} "
+              f"new {sub['new']['hr']:.4f} old {sub['old']['hr']:.4f} | MRR@20 all {sub['all']['mrr']:.4f} "
+              f"new {sub['new']['mrr']:.4f} old {sub['old']['mrr']:.4f}")
     c = s["checks"]
     new_hr, half_old = c["new_hr_vs_half_old_hr"]
     ratio = c["update_over_full_training_time"]
