@@ -114,11 +114,11 @@ def split_for(config: Config, day: date, root: Path) -> Path:
     return out
 
 
-def day_targets(events: pl.DataFrame, day: date) -> pl.DataFrame:
+def day_targets(events: pl.DataFrame, day: date, step_days: int = 1) -> pl.DataFrame:
     """user, first item watched on ``day`` (target), items before ``day`` in order (history) and whether
     each was watched to the end (completed, when the events say)."""
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-    end = start + timedelta(days=1)
+    end = start + timedelta(days=step_days)
     before = events.filter(pl.col(TS) < start)
     targets = (events.filter((pl.col(TS) >= start) & (pl.col(TS) < end)).sort(USER_ID, TS)
                .group_by(USER_ID, maintain_order=True).agg(pl.col(ITEM_ID).first().alias("target")))
@@ -195,13 +195,14 @@ def subset_metrics(rank: np.ndarray, is_new: np.ndarray, kinds: np.ndarray) -> d
     return out
 
 
-def replay_days(events: pl.DataFrame, n_days: int, before_last: int) -> list[date]:
-    """The ``n_days`` days ending ``before_last`` days before the last busy day (the spill-over tail of
-    sittings past the period's end is not a day)."""
+def replay_days(events: pl.DataFrame, n_days: int, before_last: int, step_days: int = 1) -> list[date]:
+    """The ``n_days`` steps (of ``step_days`` days) ending ``before_last`` days before the last busy day
+    (the spill-over tail of sittings past the period's end is not a day)."""
     per_date = events.group_by(pl.col(TS).dt.date().alias("d")).len().sort("d")
     busy = per_date.filter(pl.col("len") >= per_date["len"].median() / 2)
     last = busy["d"].max() - timedelta(days=before_last)
-    return [last - timedelta(days=n_days - 1 - k) for k in range(n_days)]
+    last = last - timedelta(days=step_days - 1)  # the last step ends on the last busy day
+    return [last - timedelta(days=(n_days - 1 - k) * step_days) for k in range(n_days)]
 
 
 def retrain_days(n_days: int, k: int | None) -> set[int]:
@@ -224,7 +225,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str,
     partial = list(config.policy.partial_event_types)
     events = lf.select(USER_ID, ITEM_ID, TS, (~pl.col(EVENT_TYPE).is_in(partial)).fill_null(True).alias(
         "completed") if has_types else pl.lit(True).alias("completed")).collect()
-    days = replay_days(events, args.days, args.before_last)
+    days = replay_days(events, args.days, args.before_last, args.step_days)
     ceiling_days = retrain_days(len(days), args.retrain_days)
     slots = [None, *(s for s in args.slots_sweep if s is not None)]
     print(f"[{dataset}] {events.height:,} events, replay {days[0]} .. {days[-1]}, daily retrain on "
@@ -256,7 +257,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str,
                 res = train_model(cfg, split_dir, root / "ckpt" / f"daily-{day}", evaluate_test=False)
                 seconds["daily-retrain"] = time.perf_counter() - t
                 current["daily-retrain"] = res.best_checkpoint
-        rows = day_targets(events, day)
+        rows = day_targets(events, day, args.step_days)
         is_new = ~rows["target"].is_in(weekly_ids.implode()).to_numpy()
         kinds = target_kinds(rows["history"], rows["target"], catalogue)
         metrics: dict[str, Any] = {}
@@ -369,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datasets", default="synthetic,ml-latest-small")
     parser.add_argument("--events", type=parse_count, default=parse_count("1M"), help="synthetic events")
     parser.add_argument("--days", type=int, default=14)
+    parser.add_argument("--step-days", type=int, default=1,
+                        help="days per replay step (a sparse log such as ml-latest-small: 7, so each step "
+                             "has targets; the target is the user's first event of the step)")
     parser.add_argument("--before-last", type=int, default=0,
                         help="end the replay this many days before the last day (validation days for tuning)")
     parser.add_argument("--retrain-days", type=int, default=None,
