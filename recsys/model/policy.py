@@ -179,7 +179,8 @@ def apply_policy(
     ``completed`` [P] bool says which watches were finished (None: all were). Pairs not excluded get the
     model's ``history_bias`` (when given); excluded ones -inf; the continuation episodes then get their
     plain score back, whatever the history said about them; with ``continuation_slots`` N the ones of the
-    N latest series then score above everything else in their row (most recent series highest).
+    N latest series then score above everything else in their row (most recent series highest: the row's
+    best score plus N, N-1, ... steps of ``max(1, |best|)``).
     """
     if rows.numel() == 0:
         return
@@ -201,8 +202,9 @@ def apply_policy(
     if bool(slot.any()):
         finite = torch.where(torch.isfinite(scores), scores, torch.finfo(scores.dtype).min)
         top = finite.max(dim=1).values  # [b] the row's best score before the slots
+        step = top.abs().clamp(min=1)  # [b] a step that survives bfloat16 rounding at any magnitude
         r = keep_rows[slot]
-        scores[r, keep_cols[slot]] = top[r] + (policy.slots - recency[slot]).to(scores.dtype)
+        scores[r, keep_cols[slot]] = top[r] + (policy.slots - recency[slot]).to(scores.dtype) * step[r]
 
 
 def excluded_pairs(rows: np.ndarray, cols: np.ndarray, policy: Policy,

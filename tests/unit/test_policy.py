@@ -183,9 +183,9 @@ def test_evaluation_gate_scoring_and_pyfunc_rank_one_user_identically(tmp_path, 
     e03, s2e02 = vocab.index_of(pl.Series([102, 111])).tolist()
     want[e03], want[s2e02] = raw[e03], raw[s2e02]  # the next episodes stay eligible, unbiased
     # continuation slots (the default 6 covers both series): the latest series' next episode (E03) first,
-    # then series 2's E02, above everything else
+    # then series 2's E02, above everything else (steps of max(1, |best score|))
     top = want[torch.isfinite(want)].max()
-    want[e03], want[s2e02] = top + 6, top + 5
+    want[e03], want[s2e02] = top + 6 * top.abs().clamp(min=1), top + 5 * top.abs().clamp(min=1)
     order = torch.sort(want, descending=True, stable=True).indices
     want_ids = [vocab.item_ids[int(i)] for i in order if want[i] > -np.inf]
     assert want_ids[:2] == [102, 111]
