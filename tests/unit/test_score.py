@@ -290,3 +290,18 @@ def test_printed_sample_lists_show_titles_when_a_catalogue_is_known(tmp_path):
     console = Console(record=True, width=200)
     console.print(sample_table(tmp_path / "plain"))
     assert "10 (0.9)" in console.export_text()  # no catalogue: ids
+
+
+def test_titles_come_from_the_ingested_catalogue_else_the_one_the_policy_reads(tmp_path):
+    from recsys.config import load_config
+    from recsys.serving.score import catalogue_titles
+
+    config = load_config(overrides=[f"paths.data_root={tmp_path}"])
+    assert catalogue_titles(config) is None  # no catalogue anywhere: ids are shown
+    raw = config.paths.raw_dir / "synthetic"
+    raw.mkdir(parents=True)
+    pl.DataFrame({ITEM_ID: [10], "title": ["Raw Title"]}).write_parquet(raw / "catalogue.parquet")
+    assert catalogue_titles(config).rows() == [(10, "Raw Title")]  # the generator's, not yet ingested
+    config.paths.catalogue_file.parent.mkdir(parents=True)
+    pl.DataFrame({ITEM_ID: [10], "title": ["Ingested"]}).write_parquet(config.paths.catalogue_file)
+    assert catalogue_titles(config).rows() == [(10, "Ingested")]
