@@ -275,6 +275,9 @@ class PolicyConfig(Section):
     # the episode after the latest one watched of each followed series stays eligible; None: on when a
     # catalogue with series is found
     continue_series: bool | None = None
+    # with continuation on: the next episodes of this many most recently watched series lead the list;
+    # None: recsys.model.policy.DEFAULT_CONTINUATION_SLOTS at training, the stored value when ranking
+    continuation_slots: int | None = Field(None, ge=0)
     catalogue: Path | None = None  # item_id, series_id, season, episode; None: raw/*/catalogue.parquet
     partial_event_types: list[str] = ["partial"]  # event_type of unfinished watches (resumable)
     override: bool = False  # rank a model under rules other than its stored ones (recorded)
@@ -372,10 +375,10 @@ class UpdateConfig(Section):
     new_days: float = Field(7.0, gt=0)  # sequences ending in the last N days before the cutoff are new data
     replay_fraction: float = Field(0.3, ge=0, lt=1)  # share of the pass drawn from older training sequences
     context_events: int = Field(20, ge=0)  # earlier events kept before the new window (whole-user sequences)
-    epochs: int = Field(2, ge=1)  # warm-started passes over new + replay data
+    epochs: int = Field(1, ge=1)  # warm-started passes over new + replay data
     lr_scale: float = Field(1.0, gt=0)  # learning rate = train.learning_rate * lr_scale (fresh optimiser)
     # weight of the parent in the final shared weights (old rows, recurrent layers): against forgetting
-    parent_weight: float = Field(0.5, ge=0, lt=1)
+    parent_weight: float = Field(0.7, ge=0, lt=1)
     neighbours: int = Field(20, ge=1)  # known items of nearest recent popularity used to initialise a new one
     use_catalogue: bool = True  # add released catalogue items even before their first event
     run_name: str = "update"  # checkpoints go to paths.checkpoints_dir / run_name / <parent>-<cutoff>

@@ -31,7 +31,7 @@ def score(
     from datetime import date
 
     from recsys.serving.report import print_score_summary
-    from recsys.serving.score import score_users
+    from recsys.serving.score import catalogue_titles, score_users
 
     config = load_cli_config(conf, [*(set_ or []), *(["score.write_csv=true"] if csv else []),
                                     *(["score.write_wide=true"] if wide else [])])
@@ -45,5 +45,6 @@ def score(
         manifest = score_users(config, model_uri=model, run_date=day, users_file=users)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # incl. registry and validation errors
         raise fail(str(exc)) from None
-    print_score_summary(console if console.is_terminal else Console(width=max(console.width, 120)), manifest)
+    print_score_summary(console if console.is_terminal else Console(width=max(console.width, 120)), manifest,
+                        titles=catalogue_titles(config))
 

@@ -13,7 +13,11 @@ Rules (``exclude``):
   items instead.
 With ``continue_series``, the episode after the most recently watched episode of each series in the
 history is always eligible, even if it was watched before: a viewer re-watching a series continues from
-where they are.
+where they are. ``continuation_slots`` N > 0 goes further: the continuations of the N most recently
+watched series are placed at the top of the list (most recent series first), whatever the model scores
+them. Why: a newly released episode has no trained row yet (a model learns an item only from its plays),
+but the catalogue says it is what a viewer of its series watches next, so the rule serves it the day it
+is released; for known episodes the model mostly ranks them there anyway.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ log = logging.getLogger(__name__)
 EXCLUDE_MODES = ("none", "completed", "all")
 CATALOGUE_FILE = "catalogue.parquet"
 SERIES_COLUMNS = ("series_id", "episode")  # required catalogue columns besides item_id (season optional)
+# continuation slots a model gets at training when policy.continuation_slots is null (measured in
+# benchmarks/bench_freshness.py on validation days: docs/freshness.md)
+DEFAULT_CONTINUATION_SLOTS = 6
 
 
 class PolicyMismatchError(ValueError):
@@ -54,6 +61,7 @@ class Policy:
     exclude: str = "none"
     continue_series: bool = False
     partial_event_types: tuple[str, ...] = ("partial",)
+    continuation_slots: int = 0  # the continuations of this many latest series lead the list
     next_item: np.ndarray | None = None  # [n_items] index of the episode after each episode, -1: none
     series: np.ndarray | None = None  # [n_items] series code of each episode, -1: not an episode
     source: dict[str, Any] = field(default_factory=dict)  # how it was resolved (sessions mode, catalogue)
@@ -61,6 +69,8 @@ class Policy:
     def __post_init__(self) -> None:
         if self.exclude not in EXCLUDE_MODES:
             raise ValueError(f"policy exclude must be one of {EXCLUDE_MODES}, got {self.exclude!r}")
+        if self.continuation_slots < 0:
+            raise ValueError(f"policy continuation_slots must be >= 0, got {self.continuation_slots}")
 
     @property
     def continues(self) -> bool:
@@ -71,18 +81,24 @@ class Policy:
     def rules(self) -> dict[str, Any]:
         """What decides a ranking: two policies with equal rules rank identically."""
         return {"exclude": self.exclude, "continue_series": self.continues,
-                "partial_event_types": list(self.partial_event_types)}
+                "continuation_slots": self.slots, "partial_event_types": list(self.partial_event_types)}
+
+    @property
+    def slots(self) -> int:
+        """Continuation slots in effect (0 without series continuation)."""
+        return self.continuation_slots if self.continues else 0
 
     def describe(self) -> str:
         episodes = int((self.next_item >= 0).sum()) if self.continues else 0
         series = f"on ({episodes:,} episodes with a successor)" if self.continues else "off"
-        return f"exclude={self.exclude}, continue_series={series}"
+        return f"exclude={self.exclude}, continue_series={series}, continuation_slots={self.slots}"
 
     def to_plain(self) -> dict[str, Any]:
         """Tensors, lists and strings only: loads with ``torch.load(weights_only=True)``."""
         return {
             "exclude": self.exclude, "continue_series": bool(self.continue_series),
             "partial_event_types": list(self.partial_event_types),
+            "continuation_slots": int(self.continuation_slots),
             "next_item": _plain_array(self.next_item),
             "series": _plain_array(self.series),
             "source": json.dumps(self.source, default=str),
@@ -94,6 +110,7 @@ class Policy:
                   for k in ("next_item", "series")}
         return cls(exclude=data["exclude"], continue_series=bool(data["continue_series"]),
                    partial_event_types=tuple(data.get("partial_event_types") or ("partial",)),
+                   continuation_slots=int(data.get("continuation_slots", 0)),  # older models: none
                    source=json.loads(data.get("source") or "{}"), **arrays)
 
     @classmethod
@@ -114,7 +131,16 @@ def continuation_pairs(
     ``rows``/``cols`` [P] are history pairs grouped by row and time-ordered within a row (every caller
     builds them so). Empty when series continuation is off.
     """
-    empty = rows[:0], cols[:0]
+    r, c, _ = _continuations(rows, cols, policy)
+    return r, c
+
+
+def _continuations(
+    rows: torch.Tensor, cols: torch.Tensor, policy: Policy
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`continuation_pairs` plus each pair's recency [K]: 0 for the row's most recently watched
+    series, 1 for the one before, ..."""
+    empty = rows[:0], cols[:0], rows[:0]
     if not policy.continues or rows.numel() == 0:
         return empty
     series = torch.as_tensor(policy.series, device=cols.device)[cols]  # [P]
@@ -129,7 +155,14 @@ def continuation_pairs(
         0, inverse, position, "amax", include_self=False)  # [K] latest pair of each (row, series)
     nxt = torch.as_tensor(policy.next_item, device=cols.device)[c[last]]  # [K]
     keep = nxt >= 0
-    return r[last][keep], nxt[keep]
+    r, nxt, last = r[last][keep], nxt[keep], last[keep]
+    # recency within the row: order by (row, latest position descending), count from each row's start
+    order = torch.argsort(r * (len(key) + 1) + (len(key) - last))
+    r, nxt = r[order], nxt[order]
+    first = torch.ones_like(r, dtype=torch.bool)
+    first[1:] = r[1:] != r[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(len(r), device=r.device), 0), dim=0).values
+    return r, nxt, torch.arange(len(r), device=r.device) - start
 
 
 def apply_policy(
@@ -145,11 +178,13 @@ def apply_policy(
 
     ``completed`` [P] bool says which watches were finished (None: all were). Pairs not excluded get the
     model's ``history_bias`` (when given); excluded ones -inf; the continuation episodes then get their
-    plain score back, whatever the history said about them.
+    plain score back, whatever the history said about them; with ``continuation_slots`` N the ones of the
+    N latest series then score above everything else in their row (most recent series highest: the row's
+    best score plus N, N-1, ... steps of ``max(1, |best|)``).
     """
     if rows.numel() == 0:
         return
-    keep_rows, keep_cols = continuation_pairs(rows, cols, policy)
+    keep_rows, keep_cols, recency = _continuations(rows, cols, policy)
     saved = scores[keep_rows, keep_cols].clone()  # [K]
     if policy.exclude == "completed" and completed is not None:
         masked = completed.to(rows.device)
@@ -163,6 +198,13 @@ def apply_policy(
         scores[rows[masked], cols[masked]] = -math.inf
     if keep_rows.numel():
         scores[keep_rows, keep_cols] = saved
+    slot = recency < policy.slots
+    if bool(slot.any()):
+        finite = torch.where(torch.isfinite(scores), scores, torch.finfo(scores.dtype).min)
+        top = finite.max(dim=1).values  # [b] the row's best score before the slots
+        step = top.abs().clamp(min=1)  # [b] a step that survives bfloat16 rounding at any magnitude
+        r = keep_rows[slot]
+        scores[r, keep_cols[slot]] = top[r] + (policy.slots - recency[slot]).to(scores.dtype) * step[r]
 
 
 def excluded_pairs(rows: np.ndarray, cols: np.ndarray, policy: Policy,
@@ -263,9 +305,10 @@ def resolve_policy(config: Config, vocab: Vocab, split_dir: Path | None = None) 
         elif pc.continue_series:
             raise ValueError("policy.continue_series=true needs an item catalogue with series_id and episode "
                              "(policy.catalogue, or raw/*/catalogue.parquet)")
+    slots = DEFAULT_CONTINUATION_SLOTS if pc.continuation_slots is None else pc.continuation_slots
     return Policy(exclude=exclude, continue_series=next_item is not None,
-                  partial_event_types=tuple(pc.partial_event_types), next_item=next_item, series=series,
-                  source=source)
+                  partial_event_types=tuple(pc.partial_event_types), continuation_slots=slots,
+                  next_item=next_item, series=series, source=source)
 
 
 def requested_rules(config: Config) -> dict[str, Any]:
@@ -276,6 +319,8 @@ def requested_rules(config: Config) -> dict[str, Any]:
         asked["exclude"] = pc.exclude
     if pc.continue_series is not None:
         asked["continue_series"] = pc.continue_series
+    if pc.continuation_slots is not None:
+        asked["continuation_slots"] = pc.continuation_slots
     return asked
 
 
@@ -294,8 +339,10 @@ def policy_for_model(stored: Policy, config: Config, vocab: Vocab, what: str) ->
         raise PolicyMismatchError(
             f"{what}: the model was trained and gated with policy {stored.describe()}; the config asks "
             f"for {wanted}. Set policy.override=true to rank it under other rules (recorded), or use "
-            f"the defaults (policy.exclude=auto, policy.continue_series=null)")
-    new = replace(stored, exclude=differs.get("exclude", stored.exclude))
+            f"the defaults (policy.exclude=auto, policy.continue_series=null, "
+            f"policy.continuation_slots=null)")
+    new = replace(stored, exclude=differs.get("exclude", stored.exclude),
+                  continuation_slots=differs.get("continuation_slots", stored.continuation_slots))
     if "continue_series" in differs:
         if differs["continue_series"] and stored.next_item is None:
             new = replace(resolve_policy(config, vocab), exclude=new.exclude)

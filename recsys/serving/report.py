@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys.schemas import ITEM_ID, RANK, SCORE, SOURCE, USER_ID
+from recsys.serving.export import TITLE, with_titles
 
 SUMMARY_COUNTS = (
     "users_scored", "users_model", "users_popular", "users_requested", "unknown_users",
@@ -37,22 +38,32 @@ def summary_table(manifest: dict[str, Any]) -> Table:
 
 
 def sample_table(export_path: Path, n_users: int = 3, titles: pl.DataFrame | None = None) -> Table:
-    """The first ``n_users`` users' lists from the published files (what a consumer will read)."""
+    """The first ``n_users`` users' lists from the published files (what a consumer will read).
+
+    Items show as their title when the export has its ``title`` column or ``titles`` (``item_id, title``)
+    knows them, else as the id.
+    """
     recs = pl.scan_parquet(Path(export_path) / "*.parquet")
     users = recs.select(USER_ID).unique(maintain_order=True).head(n_users).collect()[USER_ID]
     rows = recs.filter(pl.col(USER_ID).is_in(users.implode())).sort(USER_ID, RANK).collect()
+    if TITLE not in rows.columns and titles is not None:
+        rows = with_titles(rows, titles)
+    label = (pl.coalesce(pl.col(TITLE), pl.col(ITEM_ID).cast(pl.String)) if TITLE in rows.columns
+             else pl.col(ITEM_ID).cast(pl.String))
+    rows = rows.with_columns(label.alias("_label"))
     table = Table(title=f"sample: {len(users)} users")
     for col in (USER_ID, SOURCE, "top items (score)"):
         table.add_column(col)
     for (user,), frame in rows.group_by(USER_ID, maintain_order=True):
-        shown = [f"{item} ({score:.3g})" for item, score in zip(frame[ITEM_ID].head(5), frame[SCORE].head(5),
+        shown = [f"{item} ({score:.3g})" for item, score in zip(frame["_label"].head(5), frame[SCORE].head(5),
                                                                  strict=True)]
         more = f" … +{frame.height - 5}" if frame.height > 5 else ""
         table.add_row(str(user), frame[SOURCE][0], ", ".join(shown) + more)
     return table
 
 
-def print_score_summary(console: Console, manifest: dict[str, Any], n_users: int = 3) -> None:
+def print_score_summary(console: Console, manifest: dict[str, Any], n_users: int = 3,
+                        titles: pl.DataFrame | None = None) -> None:
     console.print(summary_table(manifest))
     if manifest["rows"]:
-        console.print(sample_table(Path(manifest["path"]), n_users))
+        console.print(sample_table(Path(manifest["path"]), n_users, titles))

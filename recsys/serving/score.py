@@ -476,10 +476,16 @@ def _score_users(
 
 
 def catalogue_titles(config: Config) -> pl.DataFrame | None:
-    """``(item_id, title)`` of the ingested catalogue, for the exports' optional title column."""
+    """``(item_id, title)`` for the exports' optional title column and every printed list: the ingested
+    catalogue, else the one the recommendation policy reads (``policy.catalogue`` or the generator's
+    ``raw/*/catalogue.parquet``), so a list shows titles whenever a catalogue exists."""
     from recsys.data.catalogue import load_catalogue, titles_frame
+    from recsys.model.policy import find_catalogue
 
-    return titles_frame(load_catalogue(config))
+    catalogue = load_catalogue(config)
+    if catalogue is None and (found := find_catalogue(config)) is not None and found.suffix == ".parquet":
+        catalogue = pl.read_parquet(found)
+    return titles_frame(catalogue)
 
 
 def policy_excluded_pairs(hist: Histories, policy: Policy) -> pl.DataFrame | None:

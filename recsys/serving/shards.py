@@ -22,7 +22,6 @@ from typing import Any
 import polars as pl
 
 from recsys.config import Config
-from recsys.data.catalogue import load_catalogue, titles_frame
 from recsys.schemas import ITEM_ID, RANK, TS, USER_ID
 from recsys.serving.export import (
     DATA_FILE,
@@ -110,6 +109,8 @@ def publish_shards(
     Returns the manifest (as ``score_users`` does: with ``path``, ``run_date`` and ``rows``). The staging
     folders are removed after the publication.
     """
+    from recsys.serving.score import catalogue_titles
+
     run_date = run_date or datetime.now(UTC).date()
     ordered = sorted(shards, key=lambda s: s["shard"])
     if [s["shard"] for s in ordered] != list(range(len(ordered))) or any(
@@ -155,7 +156,7 @@ def publish_shards(
     result = publish_recs(
         recs.sort(USER_ID, RANK, maintain_order=True), exports_dir=config.paths.exports_dir,
         run_date=run_date, manifest=manifest, checks=checks, write_csv=sc.write_csv, write_wide=sc.write_wide,
-        titles=titles_frame(load_catalogue(config)),
+        titles=catalogue_titles(config),
     )
     shutil.rmtree(shards_root(config, run_date), ignore_errors=True)
     log.info("merged %d shards: %d rows -> %s", len(ordered), recs.height, result.path)

@@ -150,6 +150,7 @@ def _evaluate_version(
         forced = config.model_copy(deep=True)
         forced.policy.exclude = rules["exclude"]
         forced.policy.continue_series = rules["continue_series"]
+        forced.policy.continuation_slots = rules.get("continuation_slots", 0)
         forced.policy.override = True
         policy, note = policy_for_model(ckpt.policy, forced, ckpt.vocab, f"{label} v{version.version}")
         note = f"ranked under the challenger's policy ({note})"

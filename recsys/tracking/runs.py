@@ -281,6 +281,7 @@ def resolved_params(config: Config, split_dir: Path | None = None) -> dict[str, 
     return {
         "resolved.policy.exclude": policy.exclude,
         "resolved.policy.continue_series": str(policy.continues),
+        "resolved.policy.continuation_slots": str(policy.slots),
         "resolved.train.mask_seen_negatives": str(resolve_mask_seen(config, policy)),
     }
 

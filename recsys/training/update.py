@@ -272,6 +272,23 @@ def released_items(catalogue: pl.DataFrame | None, start: date, until: date) -> 
     return released[ITEM_ID]
 
 
+def series_siblings(catalogue: pl.DataFrame | None, known: pl.Series, until: date) -> pl.Series | None:
+    """Catalogue episodes released by ``until`` (or undated) of every series one of ``known`` belongs to.
+
+    Why: the continuation rule (recsys.model.policy) can only serve an episode the model knows, and a
+    viewer's history maps onto the vocabulary; an episode nobody has played yet (or played only in a
+    one-event session) would otherwise break the chain from the latest watched episode to the next one.
+    """
+    if catalogue is None or not {"series_id", "episode"} <= set(catalogue.columns):
+        return None
+    cat = catalogue.with_columns(pl.col(ITEM_ID).cast(known.dtype, strict=False))
+    series = cat.filter(pl.col(ITEM_ID).is_in(known.implode()))["series_id"].drop_nulls().unique()
+    episodes = cat.filter(pl.col("series_id").is_in(series.implode()))
+    if "release_date" in cat.columns:
+        episodes = episodes.filter(pl.col("release_date").is_null() | (pl.col("release_date") <= until))
+    return episodes.sort("series_id", *(["season"] if "season" in cat.columns else []), "episode")[ITEM_ID]
+
+
 # --- the update ---------------------------------------------------------------------------------------
 
 
@@ -323,6 +340,10 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
     if ucfg.use_catalogue and (released := released_items(
             catalogue, window_start.date(), as_of or (cutoff + timedelta(days=1)).date())) is not None:
         candidates.append(released.cast(parent.vocab.item_ids.dtype, strict=False))
+    if ucfg.use_catalogue and (siblings := series_siblings(
+            catalogue, pl.concat([parent.vocab.item_ids, *candidates]).drop_nulls(),
+            as_of or (cutoff + timedelta(days=1)).date())) is not None:
+        candidates.append(siblings)
     grown = grow_vocab(parent.vocab, pl.concat(candidates).drop_nulls())
     in_window = grown.index_of(new[ITEMS].explode())
     window_counts = np.bincount(in_window[in_window >= 0], minlength=len(grown))  # [n_items]
@@ -338,8 +359,9 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
     })
     model = model.to(device)
     # the parent's rules, with the series structure rebuilt over the grown vocabulary (new episodes too)
-    policy = replace(resolve_policy(config, vocab), exclude=parent.policy.exclude,
+    policy = replace(resolve_policy(config, vocab, split_dir), exclude=parent.policy.exclude,
                      continue_series=parent.policy.continue_series,
+                     continuation_slots=parent.policy.continuation_slots,
                      partial_event_types=parent.policy.partial_event_types)
     # the sampler draws negatives from what the pass trains on (new items included), never from zero counts
     sample_counts = np.bincount(seqs.items, minlength=len(vocab)) + 1

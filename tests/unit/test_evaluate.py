@@ -340,5 +340,5 @@ def test_cli_evaluate_checkpoint_against_baselines(tmp_path):
     assert list(report["rows"]) == ["gru4rec", "item-knn", "most-popular"]
     assert report["rows"]["gru4rec"]["n_queries"] == 2  # 10 -> 11, 10 11 -> 12
     # the checkpoint's stored policy (plain, no series), not the config's
-    assert report["policy"] == {"exclude": "none", "continue_series": False,
+    assert report["policy"] == {"exclude": "none", "continue_series": False, "continuation_slots": 0,
                                 "partial_event_types": ["partial"], "override": None}

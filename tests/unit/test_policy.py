@@ -91,6 +91,53 @@ def test_a_config_asking_for_other_rules_is_an_error_unless_overridden(tmp_path)
     assert used.exclude == "none" and "override" in note and "exclude=all" in note
 
 
+def test_continuation_slots_lead_the_list_with_the_latest_series_next_episodes():
+    """The next episodes of the N most recently watched series go to the top, most recent series first;
+    the rest keeps the model's order; 0 slots only keeps them eligible (the older rule)."""
+    vocab = Vocab.from_items(pl.Series("item_id", ITEMS, dtype=pl.Int64))
+    ids = vocab.item_ids.to_list()
+    series = np.array([1 if i in SERIES[1] else 2 if i in SERIES[2] else -1 for i in ids]) - 1
+    series[series < -1] = -1
+    next_item = np.full(len(ids), -1)
+    for eps in SERIES.values():
+        for a, b in zip(eps[:-1], eps[1:], strict=True):
+            next_item[ids.index(a)] = ids.index(b)
+    # two viewers: one watched series 2 last, one series 1 last (HISTORY)
+    histories = [[100, 101, 110, 200], HISTORY]
+    rows = torch.tensor([r for r, h in enumerate(histories) for _ in h])
+    cols = torch.from_numpy(np.concatenate([vocab.index_of(pl.Series(h)) for h in histories]))
+    raw = torch.linspace(1, 2, len(ids)).repeat(2, 1)  # [2, n_items] films score highest
+    for slots, want_top in ((0, {0: [209, 208], 1: [209, 208]}), (1, {0: [111, 209], 1: [102, 209]}),
+                            (2, {0: [111, 102, 209], 1: [102, 111, 209]})):
+        policy = Policy(exclude="all", continue_series=True, continuation_slots=slots, next_item=next_item,
+                        series=series)
+        scores = raw.clone()
+        apply_policy(scores, rows, cols, policy)
+        for r, want in want_top.items():
+            order = torch.sort(scores[r], descending=True, stable=True).indices[: len(want)]
+            assert vocab.item_ids.gather(order.numpy()).to_list() == want, (slots, r)
+        back = Policy.from_plain(policy.to_plain())
+        assert back.rules == policy.rules and back.rules["continuation_slots"] == slots
+    plain = policy.to_plain()
+    del plain["continuation_slots"]  # a model saved before slots existed keeps the older rule
+    assert Policy.from_plain(plain).slots == 0
+    assert Policy(exclude="all", continuation_slots=3).slots == 0  # no series: nothing to continue
+    with pytest.raises(ValueError, match="continuation_slots"):
+        Policy(continuation_slots=-1)
+
+
+def test_a_config_asking_for_other_continuation_slots_is_an_error_unless_overridden(tmp_path):
+    stored = Policy(exclude="all", continue_series=True, continuation_slots=6,
+                    next_item=np.full(len(ITEMS), -1), series=np.full(len(ITEMS), -1))
+    vocab = Vocab.from_items(pl.Series("item_id", ITEMS, dtype=pl.Int64))
+    config = load_config(overrides=[f"paths.data_root={tmp_path}", "policy.continuation_slots=0"])
+    with pytest.raises(PolicyMismatchError, match="continuation_slots=0"):
+        policy_for_model(stored, config, vocab, "x")
+    config.policy.override = True
+    used, note = policy_for_model(stored, config, vocab, "x")
+    assert used.slots == 0 and "continuation_slots=6" in note
+
+
 def _events(history: list[int]) -> pl.DataFrame:
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     other = [(USER + 1, 104, t0), (USER + 1, 105, t0 + timedelta(hours=1))]
@@ -135,9 +182,13 @@ def test_evaluation_gate_scoring_and_pyfunc_rank_one_user_identically(tmp_path, 
         want[i] = -np.inf if exclude == "all" else raw[i] + model.history_bias
     e03, s2e02 = vocab.index_of(pl.Series([102, 111])).tolist()
     want[e03], want[s2e02] = raw[e03], raw[s2e02]  # the next episodes stay eligible, unbiased
+    # continuation slots (the default 6 covers both series): the latest series' next episode (E03) first,
+    # then series 2's E02, above everything else (steps of max(1, |best score|))
+    top = want[torch.isfinite(want)].max()
+    want[e03], want[s2e02] = top + 6 * top.abs().clamp(min=1), top + 5 * top.abs().clamp(min=1)
     order = torch.sort(want, descending=True, stable=True).indices
     want_ids = [vocab.item_ids[int(i)] for i in order if want[i] > -np.inf]
-    assert 102 in want_ids
+    assert want_ids[:2] == [102, 111]
 
     # pyfunc (in process, with the stored policy) and batch scoring
     got = recommend(model, vocab, [USER], [HISTORY], top_k=len(ITEMS), policy=ckpt.policy)
@@ -168,7 +219,7 @@ def test_evaluation_gate_scoring_and_pyfunc_rank_one_user_identically(tmp_path, 
     version = register_checkpoint(config, ckpt_path)["model_version"]
     decision = promote(config)
     assert decision.challenger_version == str(version)
-    assert decision.challenger_metrics["mrr@20"] == pytest.approx(1 / (want_ids.index(102) + 1))
+    assert decision.challenger_metrics["mrr@20"] == pytest.approx(1.0)  # E03 leads the list
     assert decision.policy["exclude"] == exclude and decision.policy["continue_series"] is True
     # and the registered pyfunc serves the same list
     served = mlflow.pyfunc.load_model(f"models:/{config.tracking.registered_model}/{version}").predict(

@@ -265,3 +265,43 @@ def test_champion_by_default_and_registry_name_version_in_export(tmp_path, monke
     assert recs["model_version"].unique().to_list() == ["7"]
     assert manifest["model"]["run_id"] == "r1"
     assert manifest["model"]["uri"] == "models:/recsys-gru4rec@champion"
+
+
+def test_printed_sample_lists_show_titles_when_a_catalogue_is_known(tmp_path):
+    """`recsys score` prints a few users' lists: titles from the export's title column or the catalogue,
+    the id where neither knows the item."""
+    from rich.console import Console
+
+    from recsys.serving.report import sample_table
+
+    recs = pl.DataFrame({USER_ID: [1, 1, 2], RANK: [1, 2, 1], ITEM_ID: [10, 11, 10],
+                         SCORE: [0.9, 0.5, 0.7], SOURCE: ["model"] * 3})
+    titles = pl.DataFrame({ITEM_ID: [10], "title": ["The Silent Harbor S01E02"]})
+    (tmp_path / "plain").mkdir()
+    recs.write_parquet(tmp_path / "plain" / "part-0.parquet")
+    (tmp_path / "titled").mkdir()
+    recs.with_columns(pl.when(pl.col(ITEM_ID) == 10).then(pl.lit("The Silent Harbor S01E02"))
+                      .alias("title")).write_parquet(tmp_path / "titled" / "part-0.parquet")
+    for folder, known in (("plain", titles), ("titled", None)):
+        console = Console(record=True, width=200)
+        console.print(sample_table(tmp_path / folder, titles=known))
+        text = console.export_text()
+        assert "The Silent Harbor S01E02 (0.9)" in text and "11 (0.5)" in text, text
+    console = Console(record=True, width=200)
+    console.print(sample_table(tmp_path / "plain"))
+    assert "10 (0.9)" in console.export_text()  # no catalogue: ids
+
+
+def test_titles_come_from_the_ingested_catalogue_else_the_one_the_policy_reads(tmp_path):
+    from recsys.config import load_config
+    from recsys.serving.score import catalogue_titles
+
+    config = load_config(overrides=[f"paths.data_root={tmp_path}"])
+    assert catalogue_titles(config) is None  # no catalogue anywhere: ids are shown
+    raw = config.paths.raw_dir / "synthetic"
+    raw.mkdir(parents=True)
+    pl.DataFrame({ITEM_ID: [10], "title": ["Raw Title"]}).write_parquet(raw / "catalogue.parquet")
+    assert catalogue_titles(config).rows() == [(10, "Raw Title")]  # the generator's, not yet ingested
+    config.paths.catalogue_file.parent.mkdir(parents=True)
+    pl.DataFrame({ITEM_ID: [10], "title": ["Ingested"]}).write_parquet(config.paths.catalogue_file)
+    assert catalogue_titles(config).rows() == [(10, "Ingested")]

@@ -138,6 +138,14 @@ def test_update_adds_new_releases_and_keeps_the_parent_order(world):
     released = catalogue.filter(pl.col("release_date").is_between(
         date.fromisoformat(result.events_up_to[:10]) - timedelta(days=7), world["as_of"]))[ITEM_ID]
     assert released.is_in(updated.vocab.item_ids.implode()).all()  # every fresh release is recommendable
+    # every released episode of a series the model knows is in it too (the continuation rule's chain),
+    # and nothing released after the run date
+    known_series = catalogue.filter(pl.col(ITEM_ID).is_in(updated.vocab.item_ids.implode()))["series_id"]
+    siblings = catalogue.filter(pl.col("series_id").is_in(known_series.drop_nulls().implode()),
+                                pl.col("release_date") <= world["as_of"])[ITEM_ID]
+    assert siblings.is_in(updated.vocab.item_ids.implode()).all()
+    future = catalogue.filter(pl.col("release_date") > world["as_of"])[ITEM_ID]
+    assert not future.is_in(updated.vocab.item_ids.head(len(updated.vocab)).implode()).any()
     assert result.init_sources["series"] > 0
     # never trained on the test window: the cutoff is the split's
     stats = json.loads((world["config"].paths.split_dir / "stats.json").read_text())
