@@ -7,6 +7,11 @@ sequence, ties to the lower slot) and needs one pass over *sequences*; every per
 built with vectorised numpy, so there is no per-event Python loop. When the queue is empty the slots
 that finish early idle (``active`` false, excluded from the loss and from the negatives) until the last
 sequence ends, so an epoch uses every training event exactly once.
+
+Idle slots still cost a full step, so a long sequence that starts late makes a long, mostly idle tail
+(ml-100k, 64 slots: ~2,000 steps for ~1,520 steps of events). A shuffled epoch therefore starts the
+sequences longer than ``1/LONG_FIRST_FRACTION`` of the ideal step count (events / slots) first, in
+their shuffled order, then the rest in theirs: the tail is then at most that long (~1,575 steps).
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ import numpy as np
 import torch
 
 from recsys.data.sequences import SequenceSet
+
+# A sequence longer than (training events / slots) / LONG_FIRST_FRACTION starts at the head of a shuffled
+# epoch. 16 measured best on ml-100k's whole-user sequences (8: +7 % steps over ideal, 16: +4 %, 32: +11 %:
+# too many "long" sequences then crowd the head and the tail grows again).
+LONG_FIRST_FRACTION = 16
 
 
 @dataclass
@@ -86,15 +96,25 @@ def assign_slots(n_steps: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndar
     return slot, start
 
 
+def _long_sequences_first(starts: np.ndarray, n_steps: np.ndarray,
+                          batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stable partition: sequences longer than the threshold first, each group in its given order."""
+    threshold = n_steps.sum() / max(1, batch_size) / LONG_FIRST_FRACTION
+    order = np.argsort(n_steps <= threshold, kind="stable")  # [S] long (False) before short (True)
+    return starts[order], n_steps[order]
+
+
 def plan_epoch(seqs: SequenceSet, batch_size: int, rng: np.random.Generator | None,
                by_start_time: bool = False) -> EpochPlan:
-    """Build one epoch's step arrays; ``rng`` shuffles the sequence order (None keeps file order);
-    ``by_start_time`` orders by first-event time instead (``train.epoch_order=start_time``)."""
+    """Build one epoch's step arrays; ``rng`` shuffles the sequence order (None keeps file order), long
+    sequences first; ``by_start_time`` orders by first-event time instead (``train.epoch_order=start_time``)."""
     starts, n_steps = training_sequences(seqs)  # [S], [S]
     order = rng.permutation(len(starts)) if rng is not None else np.arange(len(starts))
     if by_start_time and seqs.start_ts is not None:
         order = np.argsort(seqs.start_ts[seqs.lengths >= 2], kind="stable")
     starts, n_steps = starts[order], n_steps[order]
+    if rng is not None and not by_start_time:
+        starts, n_steps = _long_sequences_first(starts, n_steps, batch_size)
     B = max(1, min(batch_size, len(starts)))
     slot, t0 = assign_slots(n_steps, B)  # [S], [S]
     T = int((t0 + n_steps).max()) if len(starts) else 0

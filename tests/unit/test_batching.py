@@ -2,7 +2,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.sequences import SequenceSet
-from recsys.model.batching import assign_slots, plan_epoch
+from recsys.model.batching import LONG_FIRST_FRACTION, assign_slots, plan_epoch
 
 
 def _seqs(lengths, seed=0):
@@ -87,3 +87,29 @@ def test_start_time_order_is_fixed_and_by_first_event():
     assert first_inputs == [int(seqs.items[seqs.offsets[s]]) for s in by_time]
     again = plan_epoch(seqs, 1, np.random.default_rng(10), by_start_time=True)
     assert np.array_equal(plan.inputs, again.inputs)  # the same every epoch, whatever the seed
+
+
+def test_shuffled_epoch_starts_long_sequences_first_so_the_tail_stays_short():
+    """A long sequence starting late would run alone with idle slots; long ones go first, shuffled."""
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([rng.integers(2, 12, 600), rng.integers(150, 400, 12)])
+    rng.shuffle(lengths)
+    seqs = _seqs(lengths.tolist())
+    seqs.items = np.arange(len(seqs.items), dtype=np.int64)  # unique items: a first item names its sequence
+    n_pairs = int((seqs.lengths - 1).sum())
+    ideal = n_pairs / 16
+    plan = plan_epoch(seqs, 16, np.random.default_rng(0))
+    assert plan.n_events == n_pairs
+    first_resets = plan.reset[0]  # the sequences each slot starts with
+    long_rows = (seqs.lengths - 1) > ideal / LONG_FIRST_FRACTION
+    starts_of_long = {int(seqs.items[seqs.offsets[s]]) for s in np.flatnonzero(long_rows)}
+    assert first_resets.all() and len(starts_of_long) == 12
+    assert starts_of_long <= set(plan.inputs[0].tolist())  # all 12 start at step 0
+    assert plan.n_steps <= ideal * (1 + 1 / LONG_FIRST_FRACTION) + 12  # tail <= the threshold (+ rounding)
+    # Plain list scheduling of the same shuffled order (what an epoch did before): a longer tail.
+    order = np.random.default_rng(0).permutation(len(lengths))
+    naive_steps = assign_slots(seqs.lengths[order] - 1, 16)
+    assert plan.n_steps < int((naive_steps[1] + seqs.lengths[order] - 1).max())
+    # Still a shuffle: another seed gives another order of the long sequences.
+    other = plan_epoch(seqs, 16, np.random.default_rng(1))
+    assert not np.array_equal(plan.inputs[0], other.inputs[0])
