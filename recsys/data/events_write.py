@@ -118,11 +118,12 @@ def _new_events(frame: pl.DataFrame, target: Target, events_dir: Path, merge: bo
         frame = _drop_stored(frame, target, events_dir, written)
     if frame.height == 0:
         return
-    if frame["_part"].n_unique() == 1:
-        parts = {(frame["_part"][0],): frame}
+    part = frame["_part"]
+    if part.null_count() == 0 and part.min() == part.max():  # one partition (usual on disk): no copy
+        parts = {(part[0],): frame}
     else:
         parts = frame.partition_by("_part", as_dict=True, maintain_order=True)
-    del frame
+    del frame, part
     parts.pop((None,), None)  # rows that are not events (staged in memory with the events)
     first = pl.any_horizontal(pl.col(c).ne_missing(pl.col(c).shift(1)) for c in KEY)
     schema = [pl.col(c).cast(t) for c, t in target.schema.items()]

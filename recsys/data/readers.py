@@ -583,15 +583,16 @@ def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:
     if path.is_dir():
         if not any(path.rglob("*.parquet")):
             raise IngestError(f"{path}: directory holds no *.parquet files")
-        lf = pl.scan_parquet(str(path / "**" / "*.parquet"), hive_partitioning=True)
-    else:
-        lf = pl.scan_parquet(path)
+        lf = pl.scan_parquet(str(path / "**" / "*.parquet"), hive_partitioning=True, row_index_name="_row",
+                             row_index_offset=1)
+    else:  # the scan's own row index: a head() (the type sample) then reads a few rows, not the file
+        lf = pl.scan_parquet(path, row_index_name="_row", row_index_offset=1)
     try:
         schema = lf.collect_schema()
         rows = int(lf.select(pl.len()).collect().item())  # from the footers
     except Exception as exc:
         raise IngestError(f"{path}: cannot read as Parquet: {clip(exc)}") from exc
-    names = list(schema.names())
+    names = [n for n in schema.names() if n != "_row"]
     _missing(path, spec, names)
     cols = {**spec.columns, **{f: c for f, c in spec.optional_columns.items() if c in names}}
     for fld, col in cols.items():
@@ -599,7 +600,7 @@ def _scan_parquet(path: Path, spec: ReadSpec) -> RawInput:
             what = "integers or strings" if fld in (USER_ID, ITEM_ID) else "numbers, strings or datetimes"
             raise IngestError(f"{path}: column {col!r} ({fld}) has type {schema[col]}; it must hold {what}")
     used = list(dict.fromkeys(cols.values()))
-    indexed = lf.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+    indexed = lf.with_columns(pl.col("_row").cast(pl.Int64))
     frame = indexed.select(
         pl.col("_row"),
         pl.lit(None, dtype=pl.String).alias("_raw"),
