@@ -1,6 +1,6 @@
 """The write step of ingest: staged good rows -> new events -> data files of one pending table commit.
 
-Per unit of staged rows (the whole run when it was staged in memory, else one date bucket):
+Per unit of staged rows (a date bucket, or a group of them when the rows were staged in memory):
 
 1. one sort by (partition, user_id, ts, item_id, input, input row): each partition's rows are then
    contiguous and in the files' order, and copies (same user, item, ts) are adjacent with the first in
@@ -207,14 +207,11 @@ def _granularity(stage: Stage, config: Config) -> str:
     setting = config.ingest.partition_by
     if setting != "auto":
         return events_table.PARTITION_COLUMNS[setting]
+    rows = stage.events()
     lo = hi = None
-    n = 0
-    for key in stage.units():
-        u_lo, u_hi, u_n = stage.unit(key).select(pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi"),
-                                                 pl.col(TS).count()).collect().row(0)  # events only
-        lo = u_lo if lo is None else min(lo, u_lo)
-        hi = u_hi if hi is None else max(hi, u_hi)
-        n += u_n
+    if rows is not None:
+        lo, hi, n = rows.select(pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi"),
+                                pl.len()).collect().row(0)
     if lo is None:
         return events_table.EVENT_DATE
     days = (hi - lo).days + 1
