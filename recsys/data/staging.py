@@ -23,7 +23,6 @@ import shutil
 from pathlib import Path
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from recsys.data.validate import BUCKET_BAD, BUCKET_BLANK
 from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, USER_ID, WATCH_SECONDS
@@ -120,6 +119,8 @@ class Stage:
         """Per input: (data rows (blank lines excluded), blank lines, last data row number or None)."""
         if self.in_memory:
             return dict(self._stats)
+        import pyarrow.parquet as pq  # only the on-disk path reads footers (keeps ingest's import light)
+
         stats: FileStats = {}
         for f in self._files():
             i, bucket = int(f.parent.parent.name[1:]), int(f.parent.name.split("=", 1)[1])
