@@ -2,14 +2,15 @@
 
 Per unit of staged rows (a date bucket, or a group of them when the rows were staged in memory):
 
-1. one sort by (partition, user_id, ts, item_id, input, input row): each partition's rows are then
-   contiguous and in the files' order, and copies (same user, item, ts) are adjacent with the first in
-   input order ahead, so comparing each row with the one before finds them without hashing;
-2. merge mode: the keys (user_id, ts, item_id) stored in the partitions the unit touches are read once
-   and the unit's events already stored are dropped (an anti-join); a partition with no stored files
-   costs nothing;
-3. each partition's slice is written as a file of the pending commit on a background thread while the
-   next unit is read and sorted.
+1. merge mode: the keys (user_id, ts, item_id) stored in the partitions the unit touches are read once
+   and the unit's rows whose event is already stored are dropped as duplicates (an anti-join); a unit
+   whose partitions hold no files (a first ingest) reads nothing;
+2. the unit is split by partition (day or month, as integers: no text per row) and each partition is
+   sorted by (user_id, ts, item_id, input, input row): copies (same user, item, ts) are then adjacent,
+   the first in input order ahead, so comparing each row with the one before finds them without
+   hashing, and the order is total, so the files do not depend on how the engine scheduled the work;
+3. each partition's new events are written as a file of the pending commit on background threads
+   while the next partition is sorted.
 
 Nothing here is visible until :func:`recsys.data.events_table.commit`; :func:`remove_orphans` deletes the
 files of runs that never committed.
@@ -65,10 +66,10 @@ class Written:
     replaced: dict[str, int] = field(default_factory=dict)  # replace mode: partition -> events it held
 
     def count(self, into: dict[int, int], files: pl.Series) -> None:
-        """Add the rows of each input in a ``_file`` column (stored events, ``_file == -1``, left out)."""
+        """Add the rows of each input in a ``_file`` column (input indices)."""
         if files.is_empty():
             return
-        for i, n in enumerate(np.bincount(files.to_numpy() + 1)[1:]):
+        for i, n in enumerate(np.bincount(files.to_numpy())):
             if n:
                 into[i] = into.get(i, 0) + int(n)
 
@@ -124,7 +125,7 @@ def _new_events(frame: pl.DataFrame, target: Target, events_dir: Path, merge: bo
     else:
         parts = frame.partition_by("_part", as_dict=True, maintain_order=True)
     del frame, part
-    parts.pop((None,), None)  # rows that are not events (staged in memory with the events)
+    parts.pop((None,), None)  # defensive: every staged event has a time
     first = pl.any_horizontal(pl.col(c).ne_missing(pl.col(c).shift(1)) for c in KEY)
     schema = [pl.col(c).cast(t) for c, t in target.schema.items()]
     for key in sorted(parts):

@@ -9,9 +9,9 @@ the whole input when that is small):
    on disk split into ``ingest.staging_buckets`` buckets by event date (bad rows apart) (``staging``);
 3. write each input's rejected rows to a quarantine file in the work folder and stop with an error if
    the bad fraction is above ``ingest.max_bad_fraction`` (events are then left untouched);
-4. per unit of staged rows: sort by (partition, user_id, ts, item_id), drop duplicates (same user, item,
-   ts: the first in input order is kept; an event already stored wins) and write the new events as files
-   of the table (``events_write``);
+4. per partition: sort by (user_id, ts, item_id), drop duplicates (same user, item, ts: the first in
+   input order is kept; an event already stored wins) and write the new events as files of the table
+   (``events_write``);
 5. commit every file of the run as **one** table version (``events_table``), then publish the
    quarantine files and the report. A failure or a kill before the commit changes nothing; the next run
    deletes the files an uncommitted run left.
