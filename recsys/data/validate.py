@@ -292,21 +292,16 @@ def parse_ts_text(values: pl.Series, plan: ParsePlan) -> pl.Series:
     steps = [numeric, *([fast] if plan.iso_format else []), general]
     if plan.ts_mode == "iso":  # mostly ISO text: try that first
         steps = [*steps[1:], numeric]
-    out = pl.Series(values.name, [None] * len(values), dtype=pl.Float64)
-    todo = values.is_not_null()
-    for i, step in enumerate(steps):
-        if i == 0 and not values.has_nulls():
-            sub, idx = values, None
-        else:
-            idx = todo.arg_true()
-            if idx.len() == 0:
-                break
-            sub = values.gather(idx)
-        got = sub.to_frame("t").select(step(pl.col("t")).alias("us")).to_series()
-        if idx is None:
-            out = got
-            todo = got.is_null()
-            continue
+    # the first step reads the whole column (a null stays null): gathering the non-null values first
+    # copied nearly every string (measured ~0.1 CPU-s per 2M rows); later steps see only what is left
+    first = steps[0]
+    out = values.to_frame("t").select(first(pl.col("t")).alias("us")).to_series().alias(values.name)
+    todo = values.is_not_null() & out.is_null()
+    for step in steps[1:]:
+        idx = todo.arg_true()
+        if idx.len() == 0:
+            break
+        got = values.gather(idx).to_frame("t").select(step(pl.col("t")).alias("us")).to_series()
         hit = got.is_not_null()
         if hit.any():
             out = out.scatter(idx.filter(hit), got.filter(hit))
