@@ -1,8 +1,9 @@
-"""Run file writes on one background thread, in order, so the next chunk is computed meanwhile.
+"""Run file writes on background threads, so the next chunk is computed meanwhile.
 
 polars and pyarrow release the GIL while encoding and compressing Parquet, so on a 2-core machine writing
 bucket k overlaps with sessionising/splitting bucket k+1. At most ``max_pending`` writes wait at once,
-which bounds the memory held by frames not yet written.
+which bounds the memory held by frames not yet written. With one worker (the default) writes run in
+submission order; with several, a caller that needs an order must restore it itself.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 
 
 class BackgroundWriter:
-    """Ordered single-thread executor for writes; errors surface on the next submit or on close."""
+    """Executor for writes (one thread: in order); errors surface on the next submit or on close."""
 
-    def __init__(self, max_pending: int = 2) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-writer")
+    def __init__(self, max_pending: int = 2, workers: int = 1) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recsys-writer")
         self._pending: deque[Future[Any]] = deque()
         self._max_pending = max_pending
 

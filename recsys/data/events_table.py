@@ -152,9 +152,14 @@ class PendingCommit:
     removes: list[TableFile] = field(default_factory=list)
     counter: int = 0
 
-    def add(self, frame: pl.DataFrame, partition: str) -> None:
+    def reserve(self, partition: str) -> str:
+        """The path (relative to the table) of the run's next file in ``partition``."""
         rel = f"{self.column}={partition}/part-{self.run_id}-{self.counter:05d}.parquet"
         self.counter += 1
+        return rel
+
+    def write(self, frame: pl.DataFrame, rel: str, partition: str) -> None:
+        """Write one reserved file (safe from several writer threads: one list append each)."""
         size = write_file(frame, self.events_dir / rel)
         self.adds.append((rel, size, frame.height, partition))
 
@@ -180,7 +185,7 @@ def commit(pending: PendingCommit, schema: dict[str, pl.DataType], operation: di
     now = int(time.time() * 1000)
     col = pending.column
     adds = [AddAction(p, size, {col: part}, now, True, json.dumps({"numRecords": rows}))
-            for p, size, rows, part in pending.adds]
+            for p, size, rows, part in sorted(pending.adds)]  # written by several threads
     arrow_schema = pl.DataFrame(schema=schema).with_columns(pl.lit("", dtype=pl.String).alias(col)).to_arrow()
     delta_schema = Schema.from_arrow(arrow_schema.schema)
     props = CommitProperties(custom_metadata={RUN_KEY: pending.run_id, **operation})

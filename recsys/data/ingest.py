@@ -5,13 +5,13 @@ the whole input when that is small):
 
 1. open every input (``readers``): file-level problems (missing file or column, wrong column type,
    unreadable, empty) raise :class:`IngestError` before anything is written;
-2. parse and validate each file in the streaming engine (``validate``) and stage the rows, split into
-   ``ingest.staging_buckets`` buckets by event date (bad rows in their own bucket), in memory or on disk
-   (``staging``);
+2. parse and validate each file in the streaming engine (``validate``) and stage the rows in memory, or
+   on disk split into ``ingest.staging_buckets`` buckets by event date (bad rows apart) (``staging``);
 3. write each input's rejected rows to a quarantine file in the work folder and stop with an error if
    the bad fraction is above ``ingest.max_bad_fraction`` (events are then left untouched);
 4. per partition: sort by (user_id, ts, item_id), drop duplicates (same user, item, ts: the first in
-   input order is kept; stored events first) and write the new events as files of the table;
+   input order is kept; an event already stored wins) and write the new events as files of the table
+   (``events_write``);
 5. commit every file of the run as **one** table version (``events_table``), then publish the
    quarantine files and the report. A failure or a kill before the commit changes nothing; the next run
    deletes the files an uncommitted run left.
@@ -31,7 +31,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -39,18 +38,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from recsys.config import Config
-from recsys.data import events_table
-from recsys.data.background import BackgroundWriter
+from recsys.data import events_table, events_write
 from recsys.data.errors import IngestError
 from recsys.data.quarantine import StagedQuarantine, stage_quarantine
 from recsys.data.readers import RawInput, scan_input
 from recsys.data.staging import IN_MEMORY_ROWS, Stage
 from recsys.data.validate import (
-    BUCKET_BAD,
     SAMPLE_ROWS,
     ParsePlan,
     choose_id_type,
@@ -61,16 +57,13 @@ from recsys.data.validate import (
     time_bounds,
 )
 from recsys.data.workspace import ingest_workspace
-from recsys.schemas import EVENT_TYPE, ITEM_ID, TS, TS_DTYPE, USER_ID, WATCH_SECONDS
+from recsys.schemas import ITEM_ID, TS, USER_ID
 
 __all__ = ["IngestError", "IngestReport", "FileReport", "ingest_files", "REPORT_FILE"]
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "ingest_report.json"
-EVENT_COLUMNS = (USER_ID, ITEM_ID, TS, WATCH_SECONDS, EVENT_TYPE)
-_KEY = [USER_ID, TS, ITEM_ID]  # partition order; equal keys are duplicates
-_ORDER = [*_KEY, "_file", "_row"]
 
 
 @dataclass
@@ -187,29 +180,41 @@ def _stage(raws: list[RawInput], plans: list[ParsePlan], config: Config, stage: 
         logger.info("staged %s in %.1f s", raw.path, time.perf_counter() - t0)
 
 
+def _rejected(stage: Stage, raws: list[RawInput], last_rows: dict[int, int]) -> list[pl.DataFrame]:
+    """Per input, its rejected rows as quarantine rows (source, row, reason, raw).
+
+    Parquet rows get their raw text (the row as JSON) from ``raw_lookup``: one more read of each file,
+    run for all files at once (``collect_all`` reads them in parallel).
+    """
+    empty = pl.DataFrame(schema={"source": pl.String, "row": pl.Int64, "reason": pl.String, "raw": pl.String})
+    out = []
+    lookups: dict[int, pl.LazyFrame] = {}
+    for i, raw in enumerate(raws):
+        lf = stage.bad(i)
+        if lf is None:
+            out.append(empty)
+            continue
+        out.append(lf.select(
+            pl.lit(str(raw.path)).alias("source"),
+            pl.col("_row").alias("row"),
+            public_reason(pl.col("_reason"), pl.col("_row") == last_rows.get(i, -1)).alias("reason"),
+            pl.col("_raw").alias("raw"),
+        ).collect())
+        if raw.raw_lookup is not None:
+            lookups[i] = raw.raw_lookup.filter(pl.col("_row").is_in(out[i]["row"].implode()))
+    for i, text in zip(lookups, pl.collect_all(list(lookups.values())), strict=True):
+        out[i] = out[i].drop("raw").join(text.rename({"_row": "row", "_raw": "raw"}), on="row", how="left",
+                                         maintain_order="left")
+    return out
+
+
 def _stage_quarantines(
     stage: Stage, raws: list[RawInput], reports: list[FileReport], last_rows: dict[int, int],
     config: Config, work: Path,
 ) -> list[StagedQuarantine]:
     staged = []
     seen: dict[Path, int] = {}
-    for i, (raw, rep) in enumerate(zip(raws, reports, strict=True)):
-        lf = stage.bucket(BUCKET_BAD, i)
-        rows = pl.DataFrame(schema={"source": pl.String, "row": pl.Int64, "reason": pl.String,
-                                    "raw": pl.String})
-        if lf is not None:
-            last = last_rows.get(i, -1)
-            rows = lf.select(
-                pl.lit(str(raw.path)).alias("source"),
-                pl.col("_row").alias("row"),
-                public_reason(pl.col("_reason"), pl.col("_row") == last).alias("reason"),
-                pl.col("_raw").alias("raw"),
-            ).collect()
-            if raw.raw_lookup is not None:
-                bad = rows["row"].implode()
-                text = raw.raw_lookup.filter(pl.col("_row").is_in(bad)).collect()
-                rows = rows.drop("raw").join(text.rename({"_row": "row", "_raw": "raw"}), on="row",
-                                             how="left", maintain_order="left")
+    for raw, rep, rows in zip(raws, reports, _rejected(stage, raws, last_rows), strict=True):
         counts = rows.group_by("reason").len().sort("reason")
         rep.quarantined = {r: int(n) for r, n in counts.iter_rows()}
         key = raw.path.resolve()
@@ -226,151 +231,6 @@ def _stage_quarantines(
 def _publish_quarantines(staged: list[StagedQuarantine]) -> None:
     for q in staged:
         q.publish(q.occurrences)
-
-
-def _dedup(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(events sorted by user, ts, item; the rows of this run that were duplicates).
-
-    Sorting on (_file, _row) last makes the order total, so the first copy in input order is kept
-    (stored events, ``_file == -1``, come first) and the output does not depend on how the engine
-    scheduled the work. Copies are then adjacent: comparing each row with the one before finds them
-    without hashing.
-    """
-    frame = frame.sort(_ORDER)
-    first = pl.any_horizontal(pl.col(c).ne_missing(pl.col(c).shift(1)) for c in _KEY)
-    frame = frame.with_columns(first.alias("_first"))
-    dups = frame.filter(~pl.col("_first") & (pl.col("_file") >= 0))
-    return frame.filter(pl.col("_first")), dups
-
-
-def _per_file(files: pl.Series) -> list[tuple[int, int]]:
-    """(input index, rows) from a ``_file`` column; stored events (``_file == -1``) are left out."""
-    if files.is_empty():
-        return []
-    counts = np.bincount(files.to_numpy() + 1)[1:]
-    return [(i, int(n)) for i, n in enumerate(counts) if n]
-
-
-@dataclass
-class _Target:
-    """What the run writes into: the table's partition column and its live files per partition."""
-
-    column: str
-    files: dict[str, list[events_table.TableFile]]
-    schema: dict[str, pl.DataType]
-
-
-def _with_stored(frame: pl.DataFrame, target: _Target, events_dir: Path) -> pl.DataFrame:
-    """Merge: prepend the stored events of the same days (``_file = -1``) so copies of them are found."""
-    files = [events_dir / f.path for name in frame["_part"].unique().to_list()
-             for f in target.files.get(name, [])]
-    if not files:
-        return frame
-    days = frame["_day"].unique().implode()
-    stored = (pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert",
-                              extra_columns="ignore")
-              .select(EVENT_COLUMNS)
-              .with_columns(pl.col(TS).dt.date().alias("_day"))
-              .filter(pl.col("_day").is_in(days))
-              .collect())
-    if stored.height == 0:
-        return frame
-    stored = stored.with_columns(pl.lit(-1, dtype=pl.Int32).alias("_file"),
-                                 pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
-                                 _partition_expr(target.column))
-    return pl.concat([stored.select(frame.columns), frame], how="vertical_relaxed")
-
-
-def _partition_expr(column: str) -> pl.Expr:
-    fmt = "%Y-%m" if column == events_table.EVENT_MONTH else "%Y-%m-%d"
-    return pl.col(TS).dt.strftime(fmt).alias("_part")
-
-
-def _new_events(unit: pl.DataFrame, target: _Target, events_dir: Path, merge: bool,
-                reports: list[FileReport]) -> dict[tuple[str], pl.DataFrame]:
-    """De-duplicate one unit of staged rows (against the stored events in merge mode); the events to
-    write per partition, in the table's schema, and the counts added to ``reports``."""
-    frame = _with_stored(unit, target, events_dir) if merge else unit
-    stored = frame.height > unit.height
-    kept, dups = _dedup(frame)
-    del frame
-    for i, n in _per_file(dups["_file"]):
-        reports[i].duplicates += n
-    new = kept.filter(pl.col("_file") >= 0) if stored else kept
-    del kept
-    for i, n in _per_file(new["_file"]):
-        reports[i].events_written += n
-    if new.height == 0:
-        return {}
-    new = new.select(*[pl.col(c).cast(t) for c, t in target.schema.items()], "_part")
-    if new["_part"].n_unique() == 1:
-        return {(new["_part"][0],): new.drop("_part")}
-    return new.partition_by("_part", as_dict=True, maintain_order=True, include_key=False)
-
-
-HELD_ROWS = 2_000_000  # month partitions: rows gathered across buckets before they are written
-
-
-def _flush(held: dict[str, list[pl.DataFrame]], writer: BackgroundWriter,
-           pending: events_table.PendingCommit) -> None:
-    """Write each gathered month as one file (copies never span buckets: they share a day)."""
-    for name in sorted(held):
-        frames = held.pop(name)
-        out = frames[0] if len(frames) == 1 else pl.concat(frames).sort(_KEY, maintain_order=True)
-        writer.submit(pending.add, out, name)
-
-
-def _write_events(stage: Stage, reports: list[FileReport], config: Config, target: _Target,
-                  pending: events_table.PendingCommit) -> dict[str, int]:
-    """Write the run's files (not yet committed); {replaced partition: events it held}.
-
-    merge: only events not already stored are written, in new files; nothing is rewritten or removed.
-    replace: every partition the run touches is replaced by the run's rows (its old files removed in
-    the same commit). Files are written on a background thread while the next bucket is sorted.
-    """
-    events_dir = config.paths.events_dir
-    merge = config.ingest.partition_mode == "merge"
-    replaced: dict[str, int] = {}
-    held: dict[str, list[pl.DataFrame]] = {}
-    n_held = 0
-    with BackgroundWriter() as writer:
-        for bucket in range(config.ingest.staging_buckets):
-            lf = stage.bucket(bucket)
-            if lf is None:
-                continue
-            frame = lf.select(*EVENT_COLUMNS, "_file", "_row", pl.col(TS).dt.date().alias("_day"),
-                              _partition_expr(target.column)).collect()
-            stage.drop(bucket)
-            # day partitions: one sort per day (a bucket may hold several); month: one per bucket
-            # (copies share a day, so they never span buckets)
-            if target.column == events_table.EVENT_DATE and frame["_part"].n_unique() > 1:
-                units = [u for _, u in sorted(frame.partition_by("_part", as_dict=True,
-                                                                 maintain_order=True).items())]
-            else:
-                units = [frame]
-            del frame
-            parts: dict[tuple[str], pl.DataFrame] = {}
-            for unit in units:
-                for key, out in _new_events(unit, target, events_dir, merge, reports).items():
-                    parts[key] = out
-            del units
-            if not merge:
-                for (name,) in set(parts) - {(r,) for r in replaced}:
-                    old = target.files.get(name, [])
-                    pending.removes += old
-                    replaced[name] = sum(f.rows or 0 for f in old)
-            for (name,), out in sorted(parts.items()):
-                if target.column == events_table.EVENT_DATE:
-                    writer.submit(pending.add, out, name)
-                else:  # a month spans buckets: gather it, one file per month (flushed if large)
-                    held.setdefault(name, []).append(out)
-                    n_held += out.height
-            logger.debug("bucket %d: %d partitions", bucket, len(parts))
-            if n_held > HELD_ROWS:
-                _flush(held, writer, pending)
-                n_held = 0
-        _flush(held, writer, pending)
-    return {k: v for k, v in sorted(replaced.items()) if target.files.get(k)}
 
 
 def _report(reports: list[FileReport], parts: list[str], plans: list[ParsePlan], config: Config,
@@ -397,67 +257,6 @@ def _report(reports: list[FileReport], parts: list[str], plans: list[ParsePlan],
         status=status,
         seconds=round(time.perf_counter() - started, 3),
     )
-
-
-_RUN_FILE = re.compile(r"part-([0-9a-f]{12})-\d+\.parquet$")
-MONTH_AFTER_DAYS = 366  # auto granularity: month when a new table's first run spans more days than this
-MONTH_BELOW_PER_DAY = 10_000  # ... and holds fewer events per day than this on average
-
-
-def _remove_orphans(events_dir: Path) -> None:
-    """Delete data files of runs that never committed (killed, or failed on a full disk)."""
-    if not events_dir.is_dir():
-        return
-    runs = {m.group(1) for f in events_dir.glob("*=*/part-*.parquet") if (m := _RUN_FILE.search(f.name))}
-    table = events_table.open_table(events_dir)
-    if table is not None:  # runs with live files committed; the log's history only for the others
-        runs -= {m.group(1) for f in events_table.table_files(table) if (m := _RUN_FILE.search(f.path))}
-    if not runs:
-        return
-    for run in sorted(runs - events_table.committed_runs(events_dir)):
-        n = events_table.remove_run_files(events_dir, run)
-        logger.warning("removed %d uncommitted file(s) of interrupted ingest run %s", n, run)
-
-
-def _granularity(stage: Stage, config: Config) -> str:
-    """The partition column of a new table: ``ingest.partition_by``, or chosen from the data's span."""
-    setting = config.ingest.partition_by
-    if setting != "auto":
-        return events_table.PARTITION_COLUMNS[setting]
-    lo = hi = None
-    n = 0
-    for bucket in range(config.ingest.staging_buckets):
-        lf = stage.bucket(bucket)
-        if lf is None:
-            continue
-        b_lo, b_hi, b_n = lf.select(pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi"),
-                                       pl.len()).collect().row(0)
-        lo = b_lo if lo is None else min(lo, b_lo)
-        hi = b_hi if hi is None else max(hi, b_hi)
-        n += b_n
-    if lo is None:
-        return events_table.EVENT_DATE
-    days = (hi - lo).days + 1
-    month = days > MONTH_AFTER_DAYS and n / days < MONTH_BELOW_PER_DAY
-    return events_table.EVENT_MONTH if month else events_table.EVENT_DATE
-
-
-def _target(stage: Stage, config: Config, plans: list[ParsePlan]) -> _Target:
-    events_dir = config.paths.events_dir
-    table = events_table.open_table(events_dir)
-    schema = {USER_ID: plans[0].user_type, ITEM_ID: plans[0].item_type, TS: TS_DTYPE,
-              WATCH_SECONDS: pl.Float64, EVENT_TYPE: pl.String}
-    if table is None:
-        return _Target(_granularity(stage, config), {}, schema)
-    column = events_table.partition_column(table)
-    wanted = config.ingest.partition_by
-    if wanted != "auto" and events_table.PARTITION_COLUMNS[wanted] != column:
-        raise IngestError(f"{events_dir}: the events table is partitioned by {column}, not by {wanted}; "
-                          "set ingest.partition_by=auto (or to the table's granularity)")
-    files: dict[str, list[events_table.TableFile]] = {}
-    for f in events_table.table_files(table):
-        files.setdefault(f.partition, []).append(f)
-    return _Target(column, files, schema)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -514,7 +313,7 @@ def _ingest(inputs: list[Path], config: Config, now: datetime | None, in_memory_
         raise IngestError("no input files given")
     events_dir = config.paths.events_dir
     with ingest_workspace(config.paths.data_root) as work:
-        _remove_orphans(events_dir)
+        events_write.remove_orphans(events_dir)
         if events_dir.is_dir() and not events_table.is_delta(events_dir) and any(
                 events_dir.glob("event_date=*/*.parquet")):
             events_table.convert_legacy(events_dir)
@@ -548,9 +347,13 @@ def _ingest(inputs: list[Path], config: Config, now: datetime | None, in_memory_
         before = events_table.table_version(events_dir)
         pending = None
         try:
-            target = _target(stage, config, plans)
+            target = events_write.target(stage, config, plans[0].user_type, plans[0].item_type)
             pending = events_table.PendingCommit(events_dir, uuid.uuid4().hex[:12], target.column)
-            replaced = _write_events(stage, reports, config, target, pending)
+            written = events_write.write_events(stage, config, target, pending)
+            replaced = written.replaced
+            for i, rep in enumerate(reports):
+                rep.events_written = written.events.get(i, 0)
+                rep.duplicates = written.duplicates.get(i, 0)
             version = events_table.commit(pending, target.schema, {
                 "recsys.mode": config.ingest.partition_mode,
                 "recsys.inputs": json.dumps([str(p) for p in inputs])[:2000],

@@ -145,15 +145,19 @@ def choose_ts_mode(sample: pl.Series, ts_unit: str) -> str:
 
 
 def _parse_single(text: pl.Expr, fmt: tuple[str, str], timezone: str) -> pl.Expr:
-    """Datetime[us, UTC] from text in one known format."""
+    """Datetime[us, UTC] from text in one known format.
+
+    ``cache=False`` everywhere: timestamps are nearly all distinct, so polars' cache of parsed strings
+    only costs (measured: ~40 % of the parse time of an ISO column).
+    """
     pattern, kind = fmt
     if kind == "naive":
-        dt = text.str.to_datetime(pattern, strict=False, time_unit="us", time_zone=None)
+        dt = text.str.to_datetime(pattern, strict=False, cache=False, time_unit="us", time_zone=None)
         if timezone == "UTC":
             return dt.dt.replace_time_zone("UTC")
         local = dt.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
         return local.dt.convert_time_zone("UTC")
-    return text.str.to_datetime(pattern, strict=False, time_unit="us", time_zone="UTC")
+    return text.str.to_datetime(pattern, strict=False, cache=False, time_unit="us", time_zone="UTC")
 
 
 def choose_iso_format(sample: pl.Series, timezone: str) -> tuple[str, str] | None:
@@ -232,10 +236,10 @@ def _numeric_us(text: pl.Expr, unit: str, is_float: bool = False) -> tuple[pl.Ex
 def _iso_us(text: pl.Expr, timezone: str) -> pl.Expr:
     """ISO-8601 text (with 'T' or ' ', optional fraction, 'Z' or ±hh:mm or none) -> UTC microseconds."""
     norm = text.str.replace("T", " ", literal=True).str.replace(r"[Zz]$", "+00:00")
-    zoned = [norm.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC") for f in _ISO_ZONED]
-    naive = pl.coalesce(
-        [norm.str.to_datetime(f, strict=False, time_unit="us", time_zone=None) for f in _ISO_NAIVE]
-    )
+    zoned = [norm.str.to_datetime(f, strict=False, cache=False, time_unit="us", time_zone="UTC")
+             for f in _ISO_ZONED]
+    naive = pl.coalesce([norm.str.to_datetime(f, strict=False, cache=False, time_unit="us", time_zone=None)
+                         for f in _ISO_NAIVE])
     if timezone != "UTC":
         naive = naive.dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
     naive = naive.dt.convert_time_zone("UTC") if timezone != "UTC" else naive.dt.replace_time_zone("UTC")
@@ -288,21 +292,16 @@ def parse_ts_text(values: pl.Series, plan: ParsePlan) -> pl.Series:
     steps = [numeric, *([fast] if plan.iso_format else []), general]
     if plan.ts_mode == "iso":  # mostly ISO text: try that first
         steps = [*steps[1:], numeric]
-    out = pl.Series(values.name, [None] * len(values), dtype=pl.Float64)
-    todo = values.is_not_null()
-    for i, step in enumerate(steps):
-        if i == 0 and not values.has_nulls():
-            sub, idx = values, None
-        else:
-            idx = todo.arg_true()
-            if idx.len() == 0:
-                break
-            sub = values.gather(idx)
-        got = sub.to_frame("t").select(step(pl.col("t")).alias("us")).to_series()
-        if idx is None:
-            out = got
-            todo = got.is_null()
-            continue
+    # the first step reads the whole column (a null stays null): gathering the non-null values first
+    # copied nearly every string (measured ~0.1 CPU-s per 2M rows); later steps see only what is left
+    first = steps[0]
+    out = values.to_frame("t").select(first(pl.col("t")).alias("us")).to_series().alias(values.name)
+    todo = values.is_not_null() & out.is_null()
+    for step in steps[1:]:
+        idx = todo.arg_true()
+        if idx.len() == 0:
+            break
+        got = values.gather(idx).to_frame("t").select(step(pl.col("t")).alias("us")).to_series()
         hit = got.is_not_null()
         if hit.any():
             out = out.scatter(idx.filter(hit), got.filter(hit))

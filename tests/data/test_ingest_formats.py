@@ -225,6 +225,33 @@ def test_ndjson_keeps_raw_lines_and_quarantines_bad_json_past_the_sample(tmp_pat
     assert report.quarantined == {"malformed_json": 1}
 
 
+@pytest.mark.parametrize("id_type", ["str", "int"])
+def test_ndjson_ids_are_the_same_whichever_reader_reads_the_file(tmp_path, id_type, caplog):
+    """A clean file is decoded in one pass; a malformed line sends the whole file to the line-by-line
+    reader. Both must keep and reject exactly the same ids."""
+    import json
+
+    ids = [7, "7", "007", 7.0, "7.0", -5, 0, 12345678901234567890123, 18446744073709551615,
+           9223372036854775808, -9223372036854775809, 1e3, True, None, "", "  x ", 'a\u00e9\n"q']
+    lines = [json.dumps({"user_id": v, "item_id": i, "ts": T0 + i}) for i, v in enumerate(ids)]
+    lines += [json.dumps({"user_id": "u", "item_id": v, "ts": T0 + i}) for i, v in enumerate(ids)]
+    lines += ['{"user_id": -0, "item_id": 1, "ts": 1767268800}', "", "null"]
+    clean = write(tmp_path / "clean.ndjson", "\n".join(lines) + "\n")
+    broken = write(tmp_path / "broken.ndjson", "\n".join([*lines, "{oops"]) + "\n")
+    caplog.set_level("INFO", logger="recsys.data.ingest")
+    a = run([clean], tmp_path / "a", max_bad_fraction=1.0, user_id_type=id_type, item_id_type=id_type)
+    assert "reading line by line" not in caplog.text  # decoded in one pass
+    b = run([broken], tmp_path / "b", max_bad_fraction=1.0, user_id_type=id_type, item_id_type=id_type)
+    assert "reading line by line" in caplog.text
+    assert b.quarantined == {**a.quarantined, "malformed_json": a.quarantined.get("malformed_json", 0) + 1}
+    assert events(tmp_path / "a").rows() == events(tmp_path / "b").rows()
+    assert a.quarantined["bad_user_id"] >= 6 and a.quarantined["bad_item_id"] >= 5  # 7.0, 1e3, true, ...
+    if id_type == "str":
+        kept = set(events(tmp_path / "a")["user_id"].to_list())
+        assert {"7", "007", "7.0", "-5", "0", "18446744073709551615", "x", 'a\u00e9\n"q'} <= kept
+        assert not kept & {"7.0000", "1000", "1000.0", "true", "-0", "12345678901234567890123"}
+
+
 def test_separators_inside_quotes(tmp_path):
     src = write(tmp_path / "log.csv",
                 "user_id,item_id,ts,event_type\n"
