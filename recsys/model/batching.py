@@ -107,7 +107,7 @@ def _long_sequences_first(starts: np.ndarray, n_steps: np.ndarray,
 def plan_epoch(seqs: SequenceSet, batch_size: int, rng: np.random.Generator | None,
                by_start_time: bool = False) -> EpochPlan:
     """Build one epoch's step arrays; ``rng`` shuffles the sequence order (None keeps file order), long
-    sequences first; ``by_start_time`` orders by first-event time instead (``train.epoch_order=start_time``)."""
+    sequences first; ``by_start_time`` orders by first-event time (``train.epoch_order=start_time``)."""
     starts, n_steps = training_sequences(seqs)  # [S], [S]
     order = rng.permutation(len(starts)) if rng is not None else np.arange(len(starts))
     if by_start_time and seqs.start_ts is not None:
