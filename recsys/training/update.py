@@ -7,12 +7,12 @@ on Monday waits up to a week for its first recommendation. The update keeps the 
    that the parent does not know, plus catalogue items released in ``[cutoff - update.new_days, as_of]``,
    are appended after the parent's items, so every old index (and every old row) is unchanged and
    exports and histories never remap;
-2. **initialises the new rows** from what is known: the mean row (``item_out``, and ``item_in`` when the
-   model has one) of the parent's items of the same series, else of the same genre and kind, else of the
-   ``update.neighbours`` known items whose popularity in the new window is nearest. The bias of a new
-   episode is its series' mean bias (one audience); any other new item gets the mean bias of those
-   popularity neighbours (a film with 20 plays in the window starts like the known items that had about
-   20 plays in the same window);
+2. **initialises the new rows** from what is known: an episode of a known series gets the mean row
+   (``item_out``, and ``item_in`` when the model has one) and bias of its series (one audience); any
+   other new item the mean row and bias of the ``update.neighbours`` known items of its genre and kind
+   whose plays per day (since release, over the last ``update.new_days`` days; :func:`item_rates`) are
+   nearest, scaled to their mean length (a film's popularity lives mostly in its row). After the pass
+   the titles released within ``update.new_days`` get those rows again (:func:`refresh_young_rows`);
 3. **trains a short warm-started pass** (``update.epochs``, learning rate ``train.learning_rate *
    update.lr_scale``, a fresh optimiser) over the sequences that end in the new window plus a random
    replay of older ones (``update.replay_fraction`` of the pass), so the model learns the new items
