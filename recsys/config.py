@@ -381,6 +381,8 @@ class UpdateConfig(Section):
     parent_weight: float = Field(0.7, ge=0, lt=1)
     neighbours: int = Field(20, ge=1)  # known items of nearest recent popularity used to initialise a new one
     use_catalogue: bool = True  # add released catalogue items even before their first event
+    rate_init: bool = True  # compare a new title with known ones by plays per day since release, not by count
+    refresh_young: bool = True  # after the pass: titles released in new_days get rows of known ones as hot
     run_name: str = "update"  # checkpoints go to paths.checkpoints_dir / run_name / <parent>-<cutoff>
 
 

@@ -7,12 +7,12 @@ on Monday waits up to a week for its first recommendation. The update keeps the 
    that the parent does not know, plus catalogue items released in ``[cutoff - update.new_days, as_of]``,
    are appended after the parent's items, so every old index (and every old row) is unchanged and
    exports and histories never remap;
-2. **initialises the new rows** from what is known: the mean row (``item_out``, and ``item_in`` when the
-   model has one) of the parent's items of the same series, else of the same genre and kind, else of the
-   ``update.neighbours`` known items whose popularity in the new window is nearest. The bias of a new
-   episode is its series' mean bias (one audience); any other new item gets the mean bias of those
-   popularity neighbours (a film with 20 plays in the window starts like the known items that had about
-   20 plays in the same window);
+2. **initialises the new rows** from what is known: an episode of a known series gets the mean row
+   (``item_out``, and ``item_in`` when the model has one) and bias of its series (one audience); any
+   other new item the mean row and bias of the ``update.neighbours`` known items of its genre and kind
+   whose plays per day (since release, over the last ``update.new_days`` days; :func:`item_rates`) are
+   nearest, scaled to their mean length (a film's popularity lives mostly in its row). After the pass
+   the titles released within ``update.new_days`` get those rows again (:func:`refresh_young_rows`);
 3. **trains a short warm-started pass** (``update.epochs``, learning rate ``train.learning_rate *
    update.lr_scale``, a fresh optimiser) over the sequences that end in the new window plus a random
    replay of older ones (``update.replay_fraction`` of the pass), so the model learns the new items
@@ -135,6 +135,37 @@ def _group_mean_rows(tables: dict[str, torch.Tensor], known: pl.DataFrame, new: 
     return has, rows
 
 
+def _group_neighbour_rows(tables: dict[str, torch.Tensor], known: pl.DataFrame, new: pl.DataFrame,
+                          keys: list[str], rates: np.ndarray, new_rates: np.ndarray, k: int,
+                          ) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """For each new item, the mean row of the ``k`` known items of its group (same ``keys``) whose
+    ``rates`` (indexed by vocabulary index) are nearest to its own: (has group [n_new], rows [n_new, D]).
+
+    Why: a film's popularity lives mostly in its row (its dot product with every viewer state), so the
+    plain mean of a genre is a title nobody watches; the mean of the genre's films as hot as the new
+    one starts it where it belongs."""
+    known = known.drop_nulls(keys)
+    has = np.zeros(new.height, dtype=bool)
+    rows = {name: torch.zeros(new.height, t.shape[1], dtype=t.dtype) for name, t in tables.items()}
+    if known.height == 0 or any(c not in new.columns for c in keys):
+        return has, rows
+    groups = known.partition_by(keys, as_dict=True)
+    key_rows = new.select(keys).rows()
+    for key, members in groups.items():
+        at = np.flatnonzero(np.array([r == key for r in key_rows], dtype=bool))
+        if not len(at):
+            continue
+        idx = members[IDX].cast(pl.Int64).to_numpy()  # [m]
+        near = torch.from_numpy(idx[_popularity_neighbours(rates[idx], new_rates[at], k)])  # [a, k]
+        for name, t in tables.items():
+            mean = t[near].mean(dim=1)  # [a, D]
+            if t.shape[1] > 1:  # a mean of k rows is shorter than each of them: give it their length
+                mean = mean * (t[near].norm(dim=2).mean(dim=1) / mean.norm(dim=1).clamp(min=1e-12))[:, None]
+            rows[name][torch.from_numpy(at)] = mean
+        has[at] = True
+    return has, rows
+
+
 def _popularity_neighbours(known_counts: np.ndarray, new_counts: np.ndarray, k: int) -> np.ndarray:
     """Per new item, the ``k`` known items whose (log) window count is nearest: [n_new, k] indices."""
     n_known = len(known_counts)
@@ -146,19 +177,54 @@ def _popularity_neighbours(known_counts: np.ndarray, new_counts: np.ndarray, k: 
     return order[start[:, None] + np.arange(k)[None, :]]  # [n_new, k]
 
 
+def item_rates(frame: pl.DataFrame, vocab: Vocab, cutoff: datetime, days: float,
+               catalogue: pl.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
+    """Plays per day of every item over the ``days`` before ``cutoff``, counted over the days it was
+    available: (rate [n_items], available days [n_items]).
+
+    Why: a film released the day before the cutoff has one day of plays where an old film has ``days``;
+    comparing counts would rank it ``days`` times too low. An item is available from its catalogue
+    release date, else from the day of its first play (only events before the cutoff are read).
+    """
+    start = cutoff - timedelta(days=days)
+    plays = frame.select(pl.col(ITEMS).explode().alias(ITEM_ID), pl.col(ITEM_TS).explode().alias("_ts"))
+    idx = vocab.index_of(plays[ITEM_ID])
+    ts = plays["_ts"].dt.replace_time_zone(None).dt.replace_time_zone("UTC") if plays["_ts"].dtype.time_zone \
+        is None else plays["_ts"]
+    in_window = ((ts >= start) & (ts < cutoff)).to_numpy() & (idx >= 0)
+    counts = np.bincount(idx[in_window], minlength=len(vocab)).astype(np.float64)  # [n_items]
+    first = (pl.DataFrame({"i": idx, "t": ts}).filter(pl.col("i") >= 0).group_by("i").agg(pl.col("t").min()))
+    since = np.full(len(vocab), np.datetime64(start.replace(tzinfo=None), "us"))  # unknown: the whole window
+    since[first["i"].to_numpy()] = first["t"].dt.replace_time_zone(None).dt.truncate("1d").to_numpy()
+    if catalogue is not None and "release_date" in catalogue.columns:
+        cat = catalogue.select(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False), "release_date")
+        cat = cat.drop_nulls()
+        at = vocab.index_of(cat[ITEM_ID])
+        keep = at >= 0
+        since[at[keep]] = cat["release_date"].cast(pl.Datetime("us")).to_numpy()[keep]
+    start_np = np.datetime64(start.replace(tzinfo=None), "us")
+    cut_np = np.datetime64(cutoff.replace(tzinfo=None), "us")
+    avail = (cut_np - np.maximum(since, start_np)) / np.timedelta64(1, "D")  # [n_items] days
+    avail = np.clip(avail, 1.0, days)  # an item released on the cutoff day: one day, zero plays
+    return counts / avail, avail
+
+
 def init_new_rows(
     state: dict[str, torch.Tensor], parent_vocab: Vocab, vocab: Vocab, window_counts: np.ndarray,
-    catalogue: pl.DataFrame | None, neighbours: int,
+    catalogue: pl.DataFrame | None, neighbours: int, mature: np.ndarray | None = None,
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """A state dict for ``vocab`` (a grown ``parent_vocab``): old rows copied, new rows initialised.
 
-    ``window_counts`` [len(vocab)]: events of every item in the new window. Returns the state and the
-    init source of every new item (index into :data:`INIT_SOURCES`).
+    ``window_counts`` [len(vocab)]: recent popularity of every item (events in the new window, or plays
+    per available day, :func:`item_rates`). ``mature`` [len(vocab)] (optional): the known items available
+    over the whole window, the only ones a new item is compared with. Returns the state and the init
+    source of every new item (index into :data:`INIT_SOURCES`).
     """
     n_old, n_new = len(parent_vocab), len(vocab) - len(parent_vocab)
     tables = {k: state[k].float() for k in ROW_TABLES if k in state and state[k] is not None}
     bias = state["item_bias"].float()  # [n_old]
-    near = _popularity_neighbours(window_counts[:n_old], window_counts[n_old:], neighbours)  # [n_new, k]
+    ref = np.flatnonzero(mature[:n_old]) if mature is not None and mature[:n_old].any() else np.arange(n_old)
+    near = ref[_popularity_neighbours(window_counts[ref], window_counts[n_old:], neighbours)]  # [n_new, k]
     near_t = torch.from_numpy(near)
     new_rows = {name: t[near_t].mean(dim=1) for name, t in tables.items()}  # [n_new, D] popularity mean
     new_bias = bias[near_t].mean(dim=1)  # [n_new]
@@ -171,7 +237,14 @@ def init_new_rows(
         # genre + kind first, then series over it: the more specific group wins
         with_bias = {**tables, "item_bias": bias[:, None]}  # [n_old, 1]: averaged like a row
         for name, keys in (("genre", ["genre", "kind"]), ("series", ["series_id"])):
-            has, rows = _group_mean_rows(with_bias, known, new, keys)
+            if name == "genre" and mature is not None:  # the genre's titles of nearest plays per day
+                ref_known = known.filter(pl.Series(mature[known[IDX].cast(pl.Int64).to_numpy()]))
+                has, rows = _group_neighbour_rows(with_bias, ref_known, new, keys, window_counts,
+                                                  window_counts[n_old:], neighbours)
+                if has.any():
+                    new_bias[torch.from_numpy(has)] = rows["item_bias"][torch.from_numpy(has), 0]
+            else:
+                has, rows = _group_mean_rows(with_bias, known, new, keys)
             if has.any():
                 mask = torch.from_numpy(has)
                 for t in new_rows:
@@ -184,6 +257,40 @@ def init_new_rows(
         out[name] = torch.cat([state[name], new_rows[name].to(state[name].dtype)])  # [n_old + n_new, D]
     out["item_bias"] = torch.cat([state["item_bias"], new_bias.to(state["item_bias"].dtype)])  # [n]
     return out, source
+
+
+def refresh_young_rows(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.ndarray, mature: np.ndarray,
+                       young: np.ndarray, catalogue: pl.DataFrame | None, neighbours: int,
+                       ) -> dict[str, torch.Tensor]:
+    """``state`` with every ``young`` item's rows and bias replaced by those of the ``neighbours``
+    ``mature`` items of its genre and kind (all of them without a catalogue) of nearest plays per day.
+
+    Why: a model learns an item from its count over the whole training data, so a title released a few
+    days ago looks unpopular however hot it is, and a short pass over one day of plays moves its rows
+    the wrong way; the titles as hot as it is over a whole window are the best guess of where it belongs.
+    """
+    ref = mature & ~young
+    if not ref.any() or not young.any():
+        return state
+    tables = {k: state[k].float() for k in ROW_TABLES if k in state and state[k] is not None}
+    tables["item_bias"] = state["item_bias"].float()[:, None]  # [n, 1]: averaged like a row
+    frame = vocab.frame.select(ITEM_ID, IDX)
+    keys = ["_all"]
+    if catalogue is not None and {"genre", "kind"} <= set(catalogue.columns):
+        cat = catalogue.select(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False), "genre", "kind")
+        frame = frame.join(cat, on=ITEM_ID, how="left", maintain_order="left")
+        keys = ["genre", "kind"]
+    frame = frame.with_columns(_all=pl.lit(0))
+    todo = np.flatnonzero(young)
+    has, rows = _group_neighbour_rows(tables, frame.filter(pl.Series(ref)), frame[todo.tolist()], keys, rates,
+                                      rates[todo], neighbours)
+    out = dict(state)
+    at = torch.from_numpy(todo[has])
+    for name in tables:
+        table = (out[name] if name != "item_bias" else out[name][:, None]).clone()
+        table[at] = rows[name][torch.from_numpy(has)].to(table.dtype)
+        out[name] = table if name != "item_bias" else table[:, 0]
+    return out
 
 
 def blend_with_parent(tuned: dict[str, torch.Tensor], parent: dict[str, torch.Tensor],
@@ -292,10 +399,23 @@ def series_siblings(catalogue: pl.DataFrame | None, known: pl.Series, until: dat
 # --- the update ---------------------------------------------------------------------------------------
 
 
+def _young_items(vocab: Vocab, mature: np.ndarray, catalogue: pl.DataFrame | None) -> np.ndarray:
+    """Items available for less than the window, other than episodes of a series with a mature item
+    (those share their series' bias): [n_items] bool."""
+    young = ~mature
+    if catalogue is not None and "series_id" in catalogue.columns:
+        cat = catalogue.select(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False), "series_id")
+        series = vocab.frame.select(ITEM_ID).join(cat, on=ITEM_ID, how="left",
+                                                  maintain_order="left")["series_id"]
+        old_series = series.filter(pl.Series(mature)).drop_nulls().unique()
+        young &= ~series.is_in(old_series.implode()).fill_null(False).to_numpy()
+    return young
+
+
 def _grown_model(parent: Checkpoint, vocab: Vocab, window_counts: np.ndarray, catalogue: pl.DataFrame | None,
-                 neighbours: int) -> tuple[GRU4Rec, dict[str, int]]:
+                 neighbours: int, mature: np.ndarray | None = None) -> tuple[GRU4Rec, dict[str, int]]:
     state, source = init_new_rows(parent.model_state, parent.vocab, vocab, window_counts, catalogue,
-                                  neighbours)
+                                  neighbours, mature)
     model = GRU4Rec(len(vocab), parent.config.model)
     model.load_state_dict(state)
     sources = {name: int((source == i).sum()) for i, name in enumerate(INIT_SOURCES)}
@@ -348,7 +468,11 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
     in_window = grown.index_of(new[ITEMS].explode())
     window_counts = np.bincount(in_window[in_window >= 0], minlength=len(grown))  # [n_items]
     vocab = grow_vocab(parent.vocab, grown.item_ids.slice(len(parent.vocab)), window_counts)
-    model, sources = _grown_model(parent, vocab, window_counts, catalogue, ucfg.neighbours)
+    rates, avail = item_rates(frame, vocab, cutoff, ucfg.new_days, catalogue)  # new_days, even when chained
+    mature = avail >= ucfg.new_days
+    young = _young_items(vocab, mature, catalogue) if ucfg.refresh_young else np.zeros(len(vocab), bool)
+    model, sources = _grown_model(parent, vocab, rates if ucfg.rate_init else window_counts, catalogue,
+                                  ucfg.neighbours, mature if ucfg.rate_init else None)
     log.info("vocabulary %d -> %d items (new rows from %s); %d new + %d replay sequences since %s",
              len(parent.vocab), len(vocab), sources, new.height, replay.height, window_start.isoformat())
 
@@ -396,6 +520,10 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
                         policy=policy)
     if ucfg.parent_weight > 0:
         model.load_state_dict(blend_with_parent(model.state_dict(), parent.model_state, ucfg.parent_weight))
+    if young.any():  # after the pass and the blend, which both pull a fresh title back towards its count
+        state = model.state_dict()
+        state = refresh_young_rows(state, vocab, rates, mature, young, catalogue, ucfg.neighbours)
+        model.load_state_dict(state)
     seconds = time.perf_counter() - t0
     lineage.update(history=history, seconds=round(seconds, 3))
     save_checkpoint(out_path, model=model, optimizer=None, config=saved_config, vocab=vocab,

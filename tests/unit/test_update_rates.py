@@ -1,0 +1,76 @@
+"""Rate-based initialisation of new titles (recsys.training.update): a title released yesterday is
+compared with known titles by plays per day since its release, not by its one-day count."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import torch
+
+from recsys.data.vocab import Vocab
+from recsys.schemas import COUNT, IDX, ITEM_ID, ITEM_TS, ITEMS, USER_ID
+from recsys.training.update import grow_vocab, init_new_rows, item_rates, refresh_young_rows
+
+CUTOFF = datetime(2026, 1, 20, tzinfo=UTC)
+DAYS = 7.0
+PER_DAY = {1: 1, 2: 2, 3: 4, 4: 8, 5: 12, 6: 16}  # known films: plays per day over the whole window
+
+
+def _world():
+    """Six known films playing every day of the window at their rate, and film 9 released the day before
+    the cutoff with 12 plays on that day (as many per day as film 5, as many in all as film 1 or 2)."""
+    items, stamps = [], []
+    for item, per_day in PER_DAY.items():
+        for day in range(int(DAYS)):
+            t = CUTOFF - timedelta(days=DAYS - day) + timedelta(hours=1)
+            items += [item] * per_day
+            stamps += [t + timedelta(minutes=m) for m in range(per_day)]
+    items += [9] * 12
+    stamps += [CUTOFF - timedelta(hours=20) + timedelta(minutes=m) for m in range(12)]
+    frame = pl.DataFrame({USER_ID: np.arange(len(items)), ITEMS: [[i] for i in items],
+                          ITEM_TS: [[t] for t in stamps]},
+                         schema_overrides={ITEM_TS: pl.List(pl.Datetime("us", "UTC"))})
+    parent = Vocab(pl.DataFrame({ITEM_ID: list(PER_DAY), IDX: np.arange(len(PER_DAY), dtype=np.int32),
+                                 COUNT: [7 * c for c in PER_DAY.values()]}))
+    vocab = grow_vocab(parent, pl.Series([9]))
+    catalogue = pl.DataFrame({ITEM_ID: [*PER_DAY, 9], "kind": ["film"] * 7, "genre": ["drama"] * 7,
+                              "series_id": pl.Series([None] * 7, dtype=pl.Int64),
+                              "release_date": [date(2025, 6, 1)] * 6 + [date(2026, 1, 19)]})
+    torch.manual_seed(0)
+    n = len(PER_DAY)
+    state = {"item_out": torch.randn(n, 4), "item_bias": torch.arange(n, dtype=torch.float32)}  # bias = idx
+    return frame, parent, vocab, catalogue, state
+
+
+def test_a_film_released_yesterday_is_compared_by_plays_per_day_since_its_release():
+    frame, parent, vocab, catalogue, state = _world()
+    rates, days = item_rates(frame, vocab, CUTOFF, DAYS, catalogue)
+    assert days.tolist() == [7.0] * 6 + [1.0]
+    assert np.allclose(rates, [*PER_DAY.values(), 12.0])
+    # by plays per day, film 9 is film 5 (index 4), not film 1/2, whose window count (7, 14) is near 12
+    mature = days >= DAYS
+    out, _ = init_new_rows(state, parent, vocab, rates, catalogue, neighbours=1, mature=mature)
+    assert out["item_bias"][-1].item() == 4.0
+    assert torch.allclose(out["item_out"][-1], state["item_out"][4])
+    counts = np.bincount(vocab.index_of(frame[ITEMS].explode()), minlength=len(vocab))
+    by_count, _ = init_new_rows(state, parent, vocab, counts, catalogue, neighbours=1)
+    assert by_count["item_bias"][-1].item() in (0.0, 1.0)  # the old rule: a 1-day count
+    # after the update's pass, the young title gets its rate neighbours' rows again
+    drifted = {"item_out": out["item_out"].clone(), "item_bias": out["item_bias"].clone()}
+    drifted["item_out"][-1] = 0.0
+    drifted["item_bias"][-1] = -5.0
+    fresh = refresh_young_rows(drifted, vocab, rates, mature, ~mature, catalogue, neighbours=1)
+    assert fresh["item_bias"][-1].item() == 4.0
+    assert torch.allclose(fresh["item_out"][-1], state["item_out"][4])
+    assert torch.equal(fresh["item_out"][:-1], drifted["item_out"][:-1])  # known titles untouched
+
+
+def test_a_mean_of_rows_keeps_the_neighbours_length():
+    frame, parent, vocab, catalogue, state = _world()
+    rates, days = item_rates(frame, vocab, CUTOFF, DAYS, catalogue)
+    out, _ = init_new_rows(state, parent, vocab, rates, catalogue, neighbours=3, mature=days >= DAYS)
+    near = state["item_out"][[3, 4, 5]]  # films 4, 5, 6: 8, 12, 16 plays a day
+    assert torch.allclose(out["item_out"][-1].norm(), near.norm(dim=1).mean(), atol=1e-5)
+    assert torch.nn.functional.cosine_similarity(out["item_out"][-1], near.mean(0), dim=0) > 0.999
