@@ -10,9 +10,10 @@ on Monday waits up to a week for its first recommendation. The update keeps the 
 2. **initialises the new rows** from what is known: an episode of a known series gets the mean row
    (``item_out``, and ``item_in`` when the model has one) and bias of its series (one audience); any
    other new item the mean row and bias of the ``update.neighbours`` known items of its genre and kind
-   whose plays per day (since release, over the last ``update.new_days`` days; :func:`item_rates`) are
-   nearest, scaled to their mean length (a film's popularity lives mostly in its row). After the pass
-   the titles released within ``update.new_days`` get those rows again (:func:`refresh_young_rows`);
+   whose plays per day (since release, over the last ``update.new_days`` days; :func:`item_rates`; a
+   title out today with no plays yet: the median of the recent releases of its kind) are nearest,
+   scaled to their mean length (a film's popularity lives mostly in its row). After the pass the titles
+   released within ``update.new_days`` get those rows again (:func:`refresh_young_rows`);
 3. **trains a short warm-started pass** (``update.epochs``, learning rate ``train.learning_rate *
    update.lr_scale``, a fresh optimiser) over the sequences that end in the new window plus a random
    replay of older ones (``update.replay_fraction`` of the pass), so the model learns the new items
