@@ -10,9 +10,10 @@ on Monday waits up to a week for its first recommendation. The update keeps the 
 2. **initialises the new rows** from what is known: an episode of a known series gets the mean row
    (``item_out``, and ``item_in`` when the model has one) and bias of its series (one audience); any
    other new item the mean row and bias of the ``update.neighbours`` known items of its genre and kind
-   whose plays per day (since release, over the last ``update.new_days`` days; :func:`item_rates`) are
-   nearest, scaled to their mean length (a film's popularity lives mostly in its row). After the pass
-   the titles released within ``update.new_days`` get those rows again (:func:`refresh_young_rows`);
+   whose plays per day (since release, over the last ``update.new_days`` days; :func:`item_rates`; a
+   title out today with no plays yet: the median of the recent releases of its kind) are nearest,
+   scaled to their mean length (a film's popularity lives mostly in its row). After the pass the titles
+   released within ``update.new_days`` get those rows again (:func:`refresh_young_rows`);
 3. **trains a short warm-started pass** (``update.epochs``, learning rate ``train.learning_rate *
    update.lr_scale``, a fresh optimiser) over the sequences that end in the new window plus a random
    replay of older ones (``update.replay_fraction`` of the pass), so the model learns the new items
@@ -177,6 +178,9 @@ def _popularity_neighbours(known_counts: np.ndarray, new_counts: np.ndarray, k: 
     return order[start[:, None] + np.arange(k)[None, :]]  # [n_new, k]
 
 
+MIN_GROUP = 5  # recent releases a genre needs for its own median; fewer: the kind's median
+
+
 def item_rates(frame: pl.DataFrame, vocab: Vocab, cutoff: datetime, days: float,
                catalogue: pl.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
     """Plays per day of every item over the ``days`` before ``cutoff``, counted over the days it was
@@ -184,7 +188,9 @@ def item_rates(frame: pl.DataFrame, vocab: Vocab, cutoff: datetime, days: float,
 
     Why: a film released the day before the cutoff has one day of plays where an old film has ``days``;
     comparing counts would rank it ``days`` times too low. An item is available from its catalogue
-    release date, else from the day of its first play (only events before the cutoff are read).
+    release date, else from the day of its first play (only events before the cutoff are read). A title
+    out for at most a day with no plays yet gets the early rate of recent releases of its kind
+    (:func:`_release_day_rates`).
     """
     start = cutoff - timedelta(days=days)
     plays = frame.select(pl.col(ITEMS).explode().alias(ITEM_ID), pl.col(ITEM_TS).explode().alias("_ts"))
@@ -206,7 +212,43 @@ def item_rates(frame: pl.DataFrame, vocab: Vocab, cutoff: datetime, days: float,
     cut_np = np.datetime64(cutoff.replace(tzinfo=None), "us")
     avail = (cut_np - np.maximum(since, start_np)) / np.timedelta64(1, "D")  # [n_items] days
     avail = np.clip(avail, 1.0, days)  # an item released on the cutoff day: one day, zero plays
-    return counts / avail, avail
+    rates = counts / avail
+    if catalogue is not None and {"release_date", "kind"} <= set(catalogue.columns):
+        rates = _release_day_rates(rates, counts, avail, vocab, catalogue, cutoff, days)
+    return rates, avail
+
+
+def _release_day_rates(rates: np.ndarray, counts: np.ndarray, avail: np.ndarray, vocab: Vocab,
+                       catalogue: pl.DataFrame, cutoff: datetime, days: float) -> np.ndarray:
+    """``rates`` with every unplayed title the catalogue has out for at most one day set to the median
+    plays per available day of the played titles of its kind (and genre, where it has at least
+    :data:`MIN_GROUP` of them) released within the window.
+
+    Why: a title out today has had no time to be played; a rate of 0 would give it the rows of the
+    genre's least-played titles, which never reach a list. The catalogue knows it is out, and the
+    recent releases of its kind say how a fresh title is usually played (events before the cutoff only).
+    """
+    cat = catalogue.select(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False), "release_date", "kind",
+                           (pl.col("genre") if "genre" in catalogue.columns else pl.lit(None)).alias("genre"))
+    cat = cat.drop_nulls([ITEM_ID, "release_date"]).unique(ITEM_ID, keep="first")
+    cat = cat.filter(pl.col("release_date").cast(pl.Datetime("us")) <= cutoff.replace(tzinfo=None))
+    at = vocab.index_of(cat[ITEM_ID])
+    cat = cat.filter(pl.Series(at >= 0)).with_columns(_i=pl.Series(at[at >= 0]).cast(pl.Int64))
+    i = cat["_i"].to_numpy()
+    cat = cat.with_columns(_rate=pl.Series(rates[i]), _fresh=pl.Series((counts[i] == 0) & (avail[i] <= 1.0)),
+                           _recent=pl.Series((counts[i] > 0) & (avail[i] < days)))
+    fresh = cat.filter("_fresh")
+    if not fresh.height:
+        return rates
+    recent = cat.filter("_recent")
+    by_kind = recent.group_by("kind").agg(_k=pl.col("_rate").median())
+    by_genre = recent.group_by("kind", "genre").agg(_g=pl.col("_rate").median(), _n=pl.len())
+    fresh = fresh.join(by_kind, on="kind", how="left").join(by_genre, on=["kind", "genre"], how="left",
+                                                            nulls_equal=True)
+    prior = fresh.select(pl.when(pl.col("_n") >= MIN_GROUP).then("_g").otherwise("_k").fill_null(0.0))
+    out = rates.copy()
+    out[fresh["_i"].to_numpy()] = prior.to_series().to_numpy()
+    return out
 
 
 def init_new_rows(

@@ -74,3 +74,27 @@ def test_a_mean_of_rows_keeps_the_neighbours_length():
     near = state["item_out"][[3, 4, 5]]  # films 4, 5, 6: 8, 12, 16 plays a day
     assert torch.allclose(out["item_out"][-1].norm(), near.norm(dim=1).mean(), atol=1e-5)
     assert torch.nn.functional.cosine_similarity(out["item_out"][-1], near.mean(0), dim=0) > 0.999
+
+
+def test_a_film_out_today_starts_at_the_early_rate_of_recent_releases_not_at_zero():
+    """Film 9 out the day before (12 plays a day), films 10 and 11 out on the cutoff day with no plays,
+    film 7 an old catalogue film nobody played: 10 and 11 get the recent films' median (12), 7 keeps 0."""
+    frame, parent, _, catalogue, state = _world()
+    parent = Vocab(pl.DataFrame({ITEM_ID: [*PER_DAY, 7], IDX: np.arange(len(PER_DAY) + 1, dtype=np.int32),
+                                 COUNT: [7 * c for c in PER_DAY.values()] + [0]}))
+    state = {"item_out": torch.cat([state["item_out"], torch.zeros(1, 4)]),
+             "item_bias": torch.arange(len(PER_DAY) + 1, dtype=torch.float32)}
+    vocab = grow_vocab(parent, pl.Series([9, 10, 11]))
+    catalogue = pl.concat([catalogue, pl.DataFrame(
+        {ITEM_ID: [7, 10, 11], "kind": ["film"] * 3, "genre": ["drama"] * 3,
+         "series_id": pl.Series([None] * 3, dtype=pl.Int64),
+         "release_date": [date(2025, 6, 1), CUTOFF.date(), CUTOFF.date()]})])
+    rates, days = item_rates(frame, vocab, CUTOFF, DAYS, catalogue)
+    assert days[vocab.index_of(pl.Series([10, 11]))].tolist() == [1.0, 1.0]
+    assert rates[vocab.index_of(pl.Series([7]))].tolist() == [0.0]  # old and unplayed: no prior
+    assert rates[vocab.index_of(pl.Series([10, 11]))].tolist() == [12.0, 12.0]  # film 9's early rate
+    out, _ = init_new_rows(state, parent, vocab, rates, catalogue, neighbours=1, mature=days >= DAYS)
+    for item in (10, 11):  # the rows of film 5 (12 plays a day), not of the least-played film
+        at = int(vocab.index_of(pl.Series([item]))[0])
+        assert out["item_bias"][at].item() == 4.0
+        assert torch.allclose(out["item_out"][at], state["item_out"][4])
