@@ -178,6 +178,13 @@ def _popularity_neighbours(known_counts: np.ndarray, new_counts: np.ndarray, k: 
     return order[start[:, None] + np.arange(k)[None, :]]  # [n_new, k]
 
 
+def _catalogue_keyed(catalogue: pl.DataFrame, dtype: pl.DataType, *columns: str | pl.Expr) -> pl.DataFrame:
+    """The catalogue with ``item_id`` cast to the vocabulary's id type (so it joins with the vocabulary;
+    an id that does not cast becomes null) and, when ``columns`` are given, only those besides it."""
+    keyed = catalogue.with_columns(pl.col(ITEM_ID).cast(dtype, strict=False))
+    return keyed.select(ITEM_ID, *columns) if columns else keyed
+
+
 MIN_GROUP = 5  # recent releases a genre needs for its own median; fewer: the kind's median
 
 
@@ -203,7 +210,7 @@ def item_rates(frame: pl.DataFrame, vocab: Vocab, cutoff: datetime, days: float,
     since = np.full(len(vocab), np.datetime64(start.replace(tzinfo=None), "us"))  # unknown: the whole window
     since[first["i"].to_numpy()] = first["t"].dt.replace_time_zone(None).dt.truncate("1d").to_numpy()
     if catalogue is not None and "release_date" in catalogue.columns:
-        cat = catalogue.select(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False), "release_date")
+        cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, "release_date")
         cat = cat.drop_nulls()
         at = vocab.index_of(cat[ITEM_ID])
         keep = at >= 0
@@ -228,7 +235,7 @@ def _release_day_rates(rates: np.ndarray, counts: np.ndarray, avail: np.ndarray,
     genre's least-played titles, which never reach a list. The catalogue knows it is out, and the
     recent releases of its kind say how a fresh title is usually played (events before the cutoff only).
     """
-    cat = catalogue.select(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False), "release_date", "kind",
+    cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, "release_date", "kind",
                            (pl.col("genre") if "genre" in catalogue.columns else pl.lit(None)).alias("genre"))
     cat = cat.drop_nulls([ITEM_ID, "release_date"]).unique(ITEM_ID, keep="first")
     cat = cat.filter(pl.col("release_date").cast(pl.Datetime("us")) <= cutoff.replace(tzinfo=None))
@@ -272,7 +279,7 @@ def init_new_rows(
     new_bias = bias[near_t].mean(dim=1)  # [n_new]
     source = np.full(n_new, INIT_SOURCES.index("popularity"), dtype=np.int64)
     if catalogue is not None and n_new:
-        cat = catalogue.with_columns(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False))
+        cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype)
         known = parent_vocab.frame.select(ITEM_ID, IDX).join(cat, on=ITEM_ID, how="inner")
         new = vocab.frame.slice(n_old).select(ITEM_ID).join(cat, on=ITEM_ID, how="left",
                                                              maintain_order="left")
@@ -319,7 +326,7 @@ def refresh_young_rows(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.n
     frame = vocab.frame.select(ITEM_ID, IDX)
     keys = ["_all"]
     if catalogue is not None and {"genre", "kind"} <= set(catalogue.columns):
-        cat = catalogue.select(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False), "genre", "kind")
+        cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, "genre", "kind")
         frame = frame.join(cat, on=ITEM_ID, how="left", maintain_order="left")
         keys = ["genre", "kind"]
     frame = frame.with_columns(_all=pl.lit(0))
@@ -430,7 +437,7 @@ def series_siblings(catalogue: pl.DataFrame | None, known: pl.Series, until: dat
     """
     if catalogue is None or not {"series_id", "episode"} <= set(catalogue.columns):
         return None
-    cat = catalogue.with_columns(pl.col(ITEM_ID).cast(known.dtype, strict=False))
+    cat = _catalogue_keyed(catalogue, known.dtype)
     series = cat.filter(pl.col(ITEM_ID).is_in(known.implode()))["series_id"].drop_nulls().unique()
     episodes = cat.filter(pl.col("series_id").is_in(series.implode()))
     if "release_date" in cat.columns:
@@ -446,7 +453,7 @@ def _young_items(vocab: Vocab, mature: np.ndarray, catalogue: pl.DataFrame | Non
     (those share their series' bias): [n_items] bool."""
     young = ~mature
     if catalogue is not None and "series_id" in catalogue.columns:
-        cat = catalogue.select(pl.col(ITEM_ID).cast(vocab.item_ids.dtype, strict=False), "series_id")
+        cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, "series_id")
         series = vocab.frame.select(ITEM_ID).join(cat, on=ITEM_ID, how="left",
                                                   maintain_order="left")["series_id"]
         old_series = series.filter(pl.Series(mature)).drop_nulls().unique()
