@@ -185,6 +185,8 @@ def _catalogue_keyed(catalogue: pl.DataFrame, dtype: pl.DataType, *columns: str 
     return keyed.select(ITEM_ID, *columns) if columns else keyed
 
 
+RATE_LINE_MIN_TITLES = 5  # known titles of a kind needed to draw its rate line
+RATE_LINE_VIEWERS = 2048  # sequences whose mean final state stands for "a viewer" in rate_line_bias
 MIN_GROUP = 5  # recent releases a genre needs for its own median; fewer: the kind's median
 
 
@@ -340,6 +342,68 @@ def refresh_young_rows(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.n
         table[at] = rows[name][torch.from_numpy(has)].to(table.dtype)
         out[name] = table if name != "item_bias" else table[:, 0]
     return out
+
+
+def mean_state(model: GRU4Rec, frame: pl.DataFrame, vocab: Vocab, n: int, seed: int,
+               max_len: int = 50) -> torch.Tensor:
+    """The mean final state of ``n`` sequences of ``frame`` drawn at random (their last ``max_len``
+    known items): [H]. An item's mean score over viewers is ``row . mean_state + bias``."""
+    pick = frame.select(ITEMS).sample(min(n, frame.height), seed=seed) if frame.height else frame
+    seqs = [s[s >= 0] for s in (vocab.index_of(pl.Series(x[-max_len:])) for x in pick[ITEMS].to_list())]
+    seqs = [s for s in seqs if len(s)]
+    device = next(model.parameters()).device
+    if not seqs:
+        return torch.zeros(model.item_out.shape[1], device=device)
+    lengths = torch.tensor([len(s) for s in seqs])  # [B]
+    items = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)  # [B, L] right-padded
+    for row, s in enumerate(seqs):
+        items[row, :len(s)] = torch.from_numpy(s.astype(np.int64))
+    with torch.inference_mode():
+        states = torch.cat([model.final_states(items[lo:lo + 512].to(device), lengths[lo:lo + 512])
+                            for lo in range(0, len(seqs), 512)])  # [B, H]
+    return states.float().mean(dim=0)  # [H]
+
+
+def rate_line_bias(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.ndarray, mature: np.ndarray,
+                   young: np.ndarray, catalogue: pl.DataFrame | None, centre: torch.Tensor,
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """``state`` with every ``young`` item's bias moved so that its mean score over viewers lies on the
+    line that the ``mature`` items of its kind draw between their log plays per day and their mean score
+    (a least-squares fit; ``centre`` [H] is the mean viewer state). Returns the state and each kind's slope.
+
+    Why: a young title's rows are the mean of its neighbours', which sits at their mean popularity, and
+    the hottest new releases are hotter than any known title of their genre (a film's plays are packed
+    into the days since its release), so the nearest neighbours are all cooler than it; the line
+    says how much higher the model scores a title that is played twice as often, and extends past them.
+    """
+    bias = state["item_bias"].float().clone()  # [n]
+    mean_score = state["item_out"].float() @ centre.float().cpu() + bias  # [n]
+    kinds = np.zeros(len(vocab), dtype=np.int64)
+    if catalogue is not None and "kind" in catalogue.columns:
+        cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, "kind").unique(ITEM_ID, keep="first")
+        kind = vocab.frame.select(ITEM_ID).join(cat, on=ITEM_ID, how="left", maintain_order="left")["kind"]
+        kinds = kind.fill_null("").rank("dense").cast(pl.Int64).to_numpy()
+        kind_names = dict(zip(kinds.tolist(), kind.fill_null("").to_list(), strict=True))
+    else:
+        kind_names = {0: ""}
+    slopes: dict[str, float] = {}
+    log_rate = np.log(np.maximum(rates, 1e-3))
+    for k, name in kind_names.items():
+        ref = np.flatnonzero((kinds == k) & mature & ~young & (rates > 0))
+        todo = np.flatnonzero((kinds == k) & young)
+        if len(ref) < RATE_LINE_MIN_TITLES or not len(todo):
+            continue
+        x, y = log_rate[ref], mean_score[ref].numpy()
+        slope, intercept = np.polyfit(x, y, 1)
+        if slope <= 0:  # hotter never scores lower: a flat line at the known titles' mean score
+            slope, intercept = 0.0, float(y.mean())
+        target = intercept + slope * log_rate[todo]  # [t]
+        at = torch.from_numpy(todo)
+        bias[at] += torch.from_numpy(target).float() - mean_score[at]
+        slopes[name or "all"] = round(slope, 4)
+    out = dict(state)
+    out["item_bias"] = bias.to(state["item_bias"].dtype)
+    return out, slopes
 
 
 def blend_with_parent(tuned: dict[str, torch.Tensor], parent: dict[str, torch.Tensor],
@@ -572,6 +636,10 @@ def update_model(config: Config, parent_checkpoint: Path, parent_label: str, spl
     if young.any():  # after the pass and the blend, which both pull a fresh title back towards its count
         state = model.state_dict()
         state = refresh_young_rows(state, vocab, rates, mature, young, catalogue, ucfg.neighbours)
+        if ucfg.rate_line:
+            centre = mean_state(model, new, vocab, RATE_LINE_VIEWERS, config.train.seed)
+            state, slopes = rate_line_bias(state, vocab, rates, mature, young, catalogue, centre)
+            log.info("young titles on the score-vs-log-rate line of their kind (slopes %s)", slopes)
         model.load_state_dict(state)
     seconds = time.perf_counter() - t0
     lineage.update(history=history, seconds=round(seconds, 3))

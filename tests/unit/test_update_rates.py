@@ -7,11 +7,12 @@ from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 
 from recsys.data.vocab import Vocab
 from recsys.schemas import COUNT, IDX, ITEM_ID, ITEM_TS, ITEMS, USER_ID
-from recsys.training.update import grow_vocab, init_new_rows, item_rates, refresh_young_rows
+from recsys.training.update import grow_vocab, init_new_rows, item_rates, rate_line_bias, refresh_young_rows
 
 CUTOFF = datetime(2026, 1, 20, tzinfo=UTC)
 DAYS = 7.0
@@ -98,3 +99,34 @@ def test_a_film_out_today_starts_at_the_early_rate_of_recent_releases_not_at_zer
         at = int(vocab.index_of(pl.Series([item]))[0])
         assert out["item_bias"][at].item() == 4.0
         assert torch.allclose(out["item_out"][at], state["item_out"][4])
+
+
+def test_a_young_title_hotter_than_every_known_one_scores_on_the_rate_line_past_them():
+    """Known films score 0.5 * log(rate) + 1 on average over viewers; young film 9 plays 64 times a day,
+    four times the hottest known film, so its rate-neighbour rows put it at that film's score: the line
+    lifts it to 0.5 * log(64) + 1, and leaves every known title's bias alone."""
+    _, _, vocab, catalogue, _ = _world()
+    rates = np.array([*PER_DAY.values(), 64.0])
+    mature = np.array([True] * 6 + [False])
+    centre = torch.tensor([1.0, 0.0, 0.0, 0.0])  # [H] the mean viewer state
+    target = 0.5 * np.log(rates) + 1.0
+    item_out = torch.zeros(7, 4)
+    item_out[:, 0] = torch.tensor([0.1, -0.2, 0.3, 0.0, 0.2, -0.1, -0.1])  # row . centre
+    bias = torch.tensor(target, dtype=torch.float32) - item_out[:, 0]
+    bias[-1] = bias[5]  # as refresh_young_rows leaves it: the hottest known film's bias and row
+    item_out[-1] = item_out[5]
+    state = {"item_out": item_out, "item_bias": bias}
+    out, slopes = rate_line_bias(state, vocab, rates, mature, ~mature, catalogue, centre)
+    assert slopes == {"film": 0.5}
+    mean_score = out["item_out"] @ centre + out["item_bias"]  # [7]
+    assert mean_score.tolist() == pytest.approx(target.tolist(), abs=1e-5)
+    assert torch.equal(out["item_bias"][:-1], bias[:-1])
+    # a model that scores hotter titles lower (slope < 0) leaves the young title where its rows put it
+    flat = {"item_out": item_out, "item_bias": bias - 2 * torch.log(torch.tensor(rates, dtype=torch.float32))}
+    flat["item_bias"][-1] = flat["item_bias"][5]
+    kept, slopes = rate_line_bias(flat, vocab, rates, mature, ~mature, catalogue, centre)
+    assert slopes == {"film": 0.0}
+    assert kept["item_bias"][-1] != flat["item_bias"][-1]  # moved to the (flat) mean of the known films
+    known_mean = (flat["item_out"][:-1] @ centre + flat["item_bias"][:-1]).mean()
+    young_score = kept["item_out"][-1] @ centre + kept["item_bias"][-1]
+    assert young_score.item() == pytest.approx(known_mean.item(), abs=1e-5)
