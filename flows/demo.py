@@ -195,7 +195,7 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
                  or (found[0] if found else None))
     titles = _titles(Path(catalogue) if catalogue else None)
     events = scan_events(config.paths.events_dir)
-    model_users = recs.filter(pl.col(SOURCE) == "model")[USER_ID].unique(maintain_order=True)
+    model_users = recs.filter(pl.col(SOURCE) != "popular")[USER_ID].unique(maintain_order=True)
     users = model_users.head(n_users).to_list()
     scored = set(recs[USER_ID].unique().to_list())
     again = rewatchers(events, Path(catalogue) if catalogue else None)
@@ -207,7 +207,9 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
         table.add_column("next watch")
         table.add_column("score", justify="right")
         for row in recs.filter(pl.col(USER_ID) == user).sort(RANK).head(5).iter_rows(named=True):
-            table.add_row(str(row[RANK]), _label(row[ITEM_ID], titles), f"{row['score']:.3f}")
+            placed = row[SOURCE] == "continuation"  # the rule's place, not a model score
+            table.add_row(str(row[RANK]), _label(row[ITEM_ID], titles),
+                          "next episode" if placed else f"{row['score']:.3f}")
         console.print("recently watched: " + " → ".join(_label(i, titles) for i in recent.to_list()))
         console.print(table)
     console.print(f"recommendation policy (stored in the model): {score.get('policy')}")

@@ -383,7 +383,7 @@ class UpdateConfig(Section):
     use_catalogue: bool = True  # add released catalogue items even before their first event
     rate_init: bool = True  # compare a new title with known ones by plays per day since release, not by count
     refresh_young: bool = True  # after the pass: titles released in new_days get rows of known ones as hot
-    rate_line: bool = True  # then their bias puts their mean score on the known titles' score-vs-log-rate line
+    rate_line: bool = True  # then their bias puts their mean score on known titles' score-vs-log-rate line
     run_name: str = "update"  # checkpoints go to paths.checkpoints_dir / run_name / <parent>-<cutoff>
 
 

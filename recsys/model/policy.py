@@ -173,17 +173,20 @@ def apply_policy(
     *,
     completed: torch.Tensor | None = None,
     history_bias: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
-) -> None:
-    """Apply ``policy`` to ``scores`` [b, n_items] in place, given the history pairs ``rows``/``cols`` [P].
+) -> torch.Tensor:
+    """Apply ``policy`` to ``scores`` [b, n_items] in place, given the history pairs ``rows``/``cols`` [P];
+    returns how many items the continuation slots put at the head of each row [b] (exports mark them).
 
     ``completed`` [P] bool says which watches were finished (None: all were). Pairs not excluded get the
     model's ``history_bias`` (when given); excluded ones -inf; the continuation episodes then get their
     plain score back, whatever the history said about them; with ``continuation_slots`` N the ones of the
     N latest series then score above everything else in their row (most recent series highest: the row's
-    best score plus N, N-1, ... steps of ``max(1, |best|)``).
+    best score plus N, N-1, ... steps of ``max(1, |best|)``). An episode the caller already scored -inf
+    (an excluded title) stays out: the rule never brings back what the scores ruled out.
     """
+    placed = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)  # [b]
     if rows.numel() == 0:
-        return
+        return placed
     keep_rows, keep_cols, recency = _continuations(rows, cols, policy)
     saved = scores[keep_rows, keep_cols].clone()  # [K]
     if policy.exclude == "completed" and completed is not None:
@@ -198,13 +201,15 @@ def apply_policy(
         scores[rows[masked], cols[masked]] = -math.inf
     if keep_rows.numel():
         scores[keep_rows, keep_cols] = saved
-    slot = recency < policy.slots
+    slot = (recency < policy.slots) & torch.isfinite(saved)  # [K]
     if bool(slot.any()):
         finite = torch.where(torch.isfinite(scores), scores, torch.finfo(scores.dtype).min)
         top = finite.max(dim=1).values  # [b] the row's best score before the slots
         step = top.abs().clamp(min=1)  # [b] a step that survives bfloat16 rounding at any magnitude
         r = keep_rows[slot]
         scores[r, keep_cols[slot]] = top[r] + (policy.slots - recency[slot]).to(scores.dtype) * step[r]
+        placed = torch.bincount(r, minlength=scores.shape[0])  # one next episode per (row, series)
+    return placed
 
 
 def excluded_pairs(rows: np.ndarray, cols: np.ndarray, policy: Policy,

@@ -77,7 +77,7 @@ CSV_FILE = "recs.csv"
 FORMULA_START = r"^[=+\-@\t\r]"
 LONG_COLUMNS = [USER_ID, RANK, ITEM_ID, SCORE, SOURCE, MODEL_NAME, MODEL_VERSION, RUN_DATE]
 TITLE = "title"  # optional last column: the catalogue title of item_id (recsys.data.catalogue)
-SOURCES = ("model", "popular")
+SOURCES = ("model", "continuation", "popular")
 
 
 class ExportValidationError(ValueError):
@@ -414,6 +414,13 @@ def with_titles(recs: pl.DataFrame, titles: pl.DataFrame) -> pl.DataFrame:
     return recs.join(table, on=ITEM_ID, how="left", maintain_order="left")
 
 
+def list_source() -> pl.Expr:
+    """A whole list's source inside a per-user aggregation: ``popular``, else ``model`` (a model list
+    keeps that name when the continuation slots placed its first items)."""
+    return (pl.when(pl.col(SOURCE).first() == "popular").then(pl.lit("popular"))
+            .otherwise(pl.lit("model")).alias(SOURCE))
+
+
 def wide_frame(recs: pl.DataFrame) -> pl.DataFrame:
     """One row per user: items and scores as lists in rank order."""
     return (
@@ -423,7 +430,7 @@ def wide_frame(recs: pl.DataFrame) -> pl.DataFrame:
             pl.col(ITEM_ID).alias("item_ids"),
             pl.col(SCORE).alias("scores"),
             *([pl.col(TITLE).alias("titles")] if TITLE in recs.columns else []),
-            pl.col(SOURCE).first(),
+            list_source(),
             pl.col(MODEL_NAME).first(),
             pl.col(MODEL_VERSION).first(),
             pl.col(RUN_DATE).first(),

@@ -176,9 +176,10 @@ def measure(
     shown = recs.join(catalogue.select(ITEM_ID, pl.col("count").cast(pl.Float64)), on=ITEM_ID, how="left")
     mean_pop = float(shown["count"].mean()) if shown.height else None
     catalogue_mean = float(catalogue["count"].cast(pl.Float64).mean()) if catalogue.height else None
-    model_recs = recs.filter(pl.col(SOURCE) == "model")
+    model_recs = recs.filter(pl.col(SOURCE) != "popular")  # the lists the model (and its rules) made
     identical, top_item = _concentration(model_recs)
-    scores = model_recs[SCORE].cast(pl.Float64).to_numpy()
+    # the model's own scores: a continuation slot's score is the rule's (above the row's best), not a logit
+    scores = recs.filter(pl.col(SOURCE) == "model")[SCORE].cast(pl.Float64).to_numpy()
     users = int(counts.get("users_scored") or recs[USER_ID].n_unique())
     requested = counts.get("users_requested")
     unknown_users = int(counts.get("unknown_users") or 0)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys.schemas import ITEM_ID, RANK, SCORE, SOURCE, USER_ID
-from recsys.serving.export import TITLE, with_titles
+from recsys.serving.export import TITLE, list_source, with_titles
 
 SUMMARY_COUNTS = (
     "users_scored", "users_model", "users_popular", "users_requested", "unknown_users",
@@ -55,10 +55,11 @@ def sample_table(export_path: Path, n_users: int = 3, titles: pl.DataFrame | Non
     for col in (USER_ID, SOURCE, "top items (score)"):
         table.add_column(col)
     for (user,), frame in rows.group_by(USER_ID, maintain_order=True):
-        shown = [f"{item} ({score:.3g})" for item, score in zip(frame["_label"].head(5), frame[SCORE].head(5),
-                                                                 strict=True)]
+        head = frame.head(5)
+        shown = [f"{item} (next episode)" if source == "continuation" else f"{item} ({score:.3g})"
+                 for item, score, source in zip(head["_label"], head[SCORE], head[SOURCE], strict=True)]
         more = f" … +{frame.height - 5}" if frame.height > 5 else ""
-        table.add_row(str(user), frame[SOURCE][0], ", ".join(shown) + more)
+        table.add_row(str(user), frame.select(list_source())[SOURCE][0], ", ".join(shown) + more)
     return table
 
 

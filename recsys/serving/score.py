@@ -235,9 +235,12 @@ def rank_users(
     out_idx: np.ndarray,
     out_score: np.ndarray,
     history_bias: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
+    out_placed: np.ndarray | None = None,
 ) -> None:
     """Top-K of ``score_fn(lo, hi)`` (scores [hi-lo, n_items] of ``users[lo:hi]``) under the model's
-    ``policy`` (recsys.model.policy.apply_policy over everything each user watched), into ``out_*``.
+    ``policy`` (recsys.model.policy.apply_policy over everything each user watched), into ``out_*``;
+    ``out_placed`` [n_users] (optional) gets how many of each list's first items the continuation slots
+    placed there.
 
     ``history_bias(scores, rows, cols)`` is the model's learned repeat offset, applied by the policy to
     the watched (row, item) pairs it does not exclude.
@@ -255,7 +258,10 @@ def rank_users(
                 rows_t = torch.from_numpy(rows).to(device)
                 cols_t = torch.from_numpy(hist.seen_items[flat]).to(device)
                 done = None if hist.seen_completed is None else torch.from_numpy(hist.seen_completed[flat])
-                apply_policy(scores, rows_t, cols_t, policy, completed=done, history_bias=history_bias)
+                placed = apply_policy(scores, rows_t, cols_t, policy, completed=done,
+                                      history_bias=history_bias)  # [b]
+                if out_placed is not None:
+                    out_placed[chunk] = np.minimum(placed.cpu().numpy(), k)
         vals, idx = block_topk(scores, k)  # [b, k] sorted, -inf last
         out_idx[chunk, :k] = idx.cpu().numpy()
         out_score[chunk, :k] = vals.float().cpu().numpy()
@@ -362,6 +368,7 @@ def _score_users(
     k = min(sc.top_k, n_items)
     out_idx = np.zeros((n_users, k), dtype=np.int32)  # [U, k] vocab indices
     out_score = np.full((n_users, k), -np.inf, dtype=np.float32)  # [U, k]
+    out_placed = np.zeros(n_users, dtype=np.int64)  # [U] list heads placed by the continuation slots
     excluded = torch.from_numpy(excl_idx).to(device)
     if sc.chunk_elements:
         chunk_elements = sc.chunk_elements
@@ -386,6 +393,7 @@ def _score_users(
                 lambda lo, hi, states=states: model.score_items(states[lo:hi]),  # [b, n_items]
                 hist, batch, n_items=n_items, top_k=k, policy=policy, excluded=excluded,
                 chunk_rows=chunk_rows, out_idx=out_idx, out_score=out_score, history_bias=history_bias,
+                out_placed=out_placed,
             )
         done = lo + len(batch)
         if done * 10 // len(order) > lo * 10 // len(order):  # every ~10%
@@ -414,7 +422,7 @@ def _score_users(
                 out_score[shared[1:]] = out_score[shared[0]]
 
     with timer("assemble_s"):
-        recs = assemble(hist, vocab, out_idx, out_score, lengths > 0, loaded, run_date)
+        recs = assemble(hist, vocab, out_idx, out_score, lengths > 0, loaded, run_date, out_placed)
 
     counts = {
         **hist.counts,
@@ -506,10 +514,14 @@ def assemble(
     from_model: np.ndarray,
     loaded: LoadedModel,
     run_date: date,
+    placed: np.ndarray | None = None,
 ) -> pl.DataFrame:
     """Long-format frame with original ids, ordered by user id then rank; slots left at -inf (catalogue
-    exhausted by exclusions) are dropped."""
+    exhausted by exclusions) are dropped. ``source``: ``continuation`` for the first ``placed[u]`` items
+    of a model list (the continuation slots' episodes, ranked by the rule, not by their score), else
+    ``model``; ``popular`` for users without known history."""
     n_users, k = out_idx.shape
+    placed = np.zeros(n_users, dtype=np.int64) if placed is None else placed
     if not hist.user_ids.is_sorted():  # requested users without events were appended at the end
         order = hist.user_ids.arg_sort().to_numpy()
         out_idx, out_score = out_idx[order], out_score[order]
@@ -524,10 +536,13 @@ def assemble(
         ITEM_ID: vocab.item_ids.gather(out_idx.ravel()[valid]),
         SCORE: out_score.ravel()[valid],
         "_model": from_model[user_row],
+        "_placed": placed[user_row],
     })
     return frame.select(
         USER_ID, RANK, ITEM_ID, SCORE,
-        pl.when(pl.col("_model")).then(pl.lit("model")).otherwise(pl.lit("popular")).alias(SOURCE),
+        pl.when(~pl.col("_model")).then(pl.lit("popular"))
+        .when(pl.col(RANK) <= pl.col("_placed")).then(pl.lit("continuation"))
+        .otherwise(pl.lit("model")).alias(SOURCE),
         pl.lit(loaded.name, dtype=pl.String).alias(MODEL_NAME),
         pl.lit(loaded.version, dtype=pl.String).alias(MODEL_VERSION),
         pl.lit(run_date, dtype=pl.Date).alias(RUN_DATE),

@@ -200,6 +200,20 @@ def test_evaluation_gate_scoring_and_pyfunc_rank_one_user_identically(tmp_path, 
     recs = pl.read_parquet(f"{manifest['path']}/*.parquet").filter(pl.col("user_id") == USER).sort("rank")
     assert recs["item_id"].to_list() == want_ids
     assert manifest["policy"]["exclude"] == exclude and manifest["policy"]["override"] is None
+    # the export says which items the rule placed: their score is the rule's, so monitoring leaves it out
+    assert recs["source"].to_list() == ["continuation"] * 2 + ["model"] * (len(want_ids) - 2)
+    everyone = pl.read_parquet(f"{manifest['path']}/*.parquet")
+    model_scores = everyone.filter(pl.col("source") == "model")["score"]
+    median = float(model_scores.median())
+    assert manifest["monitoring"]["metrics"]["score_p50"] == pytest.approx(median, rel=1e-5)
+    # a withdrawn next episode stays out of the list: the rule never brings back an excluded title
+    (root / "withdrawn.txt").write_text("102\n")
+    config.score.exclude_items_file = root / "withdrawn.txt"
+    manifest = score_users(config, model_uri=str(ckpt_path), run_date=RUN_DATE + timedelta(days=1))
+    recs = pl.read_parquet(f"{manifest['path']}/*.parquet").filter(pl.col("user_id") == USER).sort("rank")
+    assert recs["item_id"].to_list() == [i for i in want_ids if i != 102]
+    assert recs["source"].to_list()[:2] == ["continuation", "model"]
+    config.score.exclude_items_file = None
 
     # evaluation: the rank of every possible next item equals its place in the served list
     rec = GRU4RecRecommender(model, "cpu")
