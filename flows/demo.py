@@ -32,6 +32,7 @@ DEMO_OVERRIDES: tuple[str, ...] = (
 )
 
 SHOWN_METRICS = ("recall@10", "recall@20", "mrr@20", "ndcg@20", "coverage@20")
+LIST_ROWS = 8  # rows of each sample list: past the (up to 6) continuation slots to the model's own picks
 
 
 def run_pipeline(
@@ -206,7 +207,7 @@ def print_summary(console: Console, summary: dict[str, Any], overrides: list[str
         table.add_column("#", justify="right")
         table.add_column("next watch")
         table.add_column("score", justify="right")
-        for row in recs.filter(pl.col(USER_ID) == user).sort(RANK).head(5).iter_rows(named=True):
+        for row in recs.filter(pl.col(USER_ID) == user).sort(RANK).head(LIST_ROWS).iter_rows(named=True):
             placed = row[SOURCE] == "continuation"  # the rule's place, not a model score
             table.add_row(str(row[RANK]), _label(row[ITEM_ID], titles),
                           "next episode" if placed else f"{row['score']:.3f}")
