@@ -140,8 +140,9 @@ def _titles(rng: np.random.Generator, n: int) -> list[str]:
     out = []
     for k in range(n):
         adj, noun, place = _ADJ[a[k]], _NOUN[b[k]], _PLACE[c[k]]
+        plural = noun + ("es" if noun.endswith("s") else "s")  # Compasses, not Compasss
         out.append((f"The {adj} {noun}", f"{noun} of {place}", f"{adj} {place}",
-                    f"The {noun}s of {place}")[pattern[k]])
+                    f"The {plural} of {place}")[pattern[k]])
     return out
 
 
