@@ -376,8 +376,8 @@ def rate_line_bias(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.ndarr
     into the days since its release), so the nearest neighbours are all cooler than it; the line
     says how much higher the model scores a title that is played twice as often, and extends past them.
     """
-    bias = state["item_bias"].float().clone()  # [n]
-    mean_score = state["item_out"].float() @ centre.float().cpu() + bias  # [n]
+    bias = state["item_bias"].detach().float().cpu().clone()  # [n] (the model may live on a GPU)
+    mean_score = state["item_out"].detach().float().cpu() @ centre.float().cpu() + bias  # [n]
     kinds = np.zeros(len(vocab), dtype=np.int64)
     if catalogue is not None and "kind" in catalogue.columns:
         cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, "kind").unique(ITEM_ID, keep="first")
@@ -402,7 +402,7 @@ def rate_line_bias(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.ndarr
         bias[at] += torch.from_numpy(target).float() - mean_score[at]
         slopes[name or "all"] = round(slope, 4)
     out = dict(state)
-    out["item_bias"] = bias.to(state["item_bias"].dtype)
+    out["item_bias"] = bias.to(state["item_bias"].device, state["item_bias"].dtype)
     return out, slopes
 
 
