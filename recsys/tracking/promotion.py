@@ -215,8 +215,10 @@ def _decide_with_evidence(label: str, c: float, ch: float, p: float, champion_ve
     ci = f"{iv.confidence:.0%} CI [{iv.low:+.4f}, {iv.high:+.4f}] over {iv.n:,} targets"
     head = f"challenger {label}={c:.4f} vs champion v{champion_version} ({ch:.4f}): {c - ch:+.4f}, {ci}"
     if not iv.low > margin:
-        what = "not significant" if iv.low <= 0 else "not significantly above"
-        return False, f"{head}; the gain is {what} the margin {min_improvement:.2%} (+{margin:.4f})"
+        if iv.low <= 0:
+            return False, f"{head}; the interval reaches 0: the gain is not significant"
+        return False, (f"{head}; the gain is not significantly above the margin {min_improvement:.2%} "
+                       f"(+{margin:.4f})")
     if blocked:
         parts = []
         for name in blocked:
