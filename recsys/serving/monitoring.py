@@ -43,7 +43,7 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 MONITORED = (
     "coverage", "gini", "identical_list_share", "top_item_user_share", "mean_popularity",
     "popularity_lift", "popular_share", "unknown_user_share", "unknown_item_event_share", "jaccard_mean",
-    "jaccard_p10", "score_p50", "users_scored",
+    "jaccard_p10", "score_p50", "users_scored", "continuation_share",
 )
 HIST_BINS = 20
 
@@ -194,6 +194,9 @@ def measure(
         "mean_popularity": mean_pop,
         "popularity_lift": (mean_pop / catalogue_mean) if mean_pop is not None and catalogue_mean else None,
         "popular_share": float(counts.get("users_popular") or 0) / users if users else None,
+        # rows the series-continuation rule placed: drops to 0 when the catalogue's series structure is lost
+        "continuation_share": (float((model_recs[SOURCE] == "continuation").sum()) / model_recs.height
+                               if model_recs.height else None),
         "unknown_user_share": unknown_users / max(int(requested or users), 1),
         "unknown_item_event_share": (int(counts.get("unknown_item_events") or 0) / history_events
                                      if history_events else 0.0),

@@ -205,6 +205,8 @@ def test_evaluation_gate_scoring_and_pyfunc_rank_one_user_identically(tmp_path, 
     everyone = pl.read_parquet(f"{manifest['path']}/*.parquet")
     model_scores = everyone.filter(pl.col("source") == "model")["score"]
     median = float(model_scores.median())
+    placed_share = (everyone["source"] == "continuation").sum() / everyone.height
+    assert manifest["monitoring"]["metrics"]["continuation_share"] == pytest.approx(placed_share)
     assert manifest["monitoring"]["metrics"]["score_p50"] == pytest.approx(median, rel=1e-5)
     # a withdrawn next episode stays out of the list: the rule never brings back an excluded title
     (root / "withdrawn.txt").write_text("102\n")
