@@ -394,7 +394,7 @@ def rate_line_bias(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.ndarr
         if len(ref) < RATE_LINE_MIN_TITLES or not len(todo):
             continue
         x, y = log_rate[ref], mean_score[ref].numpy()
-        slope, intercept = np.polyfit(x, y, 1)
+        slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 1e-9 else (0.0, 0.0)  # one rate: no slope
         if slope <= 0:  # hotter never scores lower: a flat line at the known titles' mean score
             slope, intercept = 0.0, float(y.mean())
         target = intercept + slope * log_rate[todo]  # [t]

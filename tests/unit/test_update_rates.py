@@ -130,3 +130,16 @@ def test_a_young_title_hotter_than_every_known_one_scores_on_the_rate_line_past_
     known_mean = (flat["item_out"][:-1] @ centre + flat["item_bias"][:-1]).mean()
     young_score = kept["item_out"][-1] @ centre + kept["item_bias"][-1]
     assert young_score.item() == pytest.approx(known_mean.item(), abs=1e-5)
+
+
+def test_known_titles_all_played_alike_draw_a_flat_rate_line():
+    """Six known films at one rate say nothing about how the score grows with the rate: the young film
+    goes to their mean score, whatever its own rate."""
+    _, _, vocab, catalogue, _ = _world()
+    rates = np.array([4.0] * 6 + [64.0])
+    mature = np.array([True] * 6 + [False])
+    centre = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    state = {"item_out": torch.zeros(7, 4), "item_bias": torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 9.0])}
+    out, slopes = rate_line_bias(state, vocab, rates, mature, ~mature, catalogue, centre)
+    assert slopes == {"film": 0.0}
+    assert out["item_bias"][-1].item() == pytest.approx(2.5)
