@@ -348,19 +348,25 @@ def mean_state(model: GRU4Rec, frame: pl.DataFrame, vocab: Vocab, n: int, seed: 
                max_len: int = 50) -> torch.Tensor:
     """The mean final state of ``n`` sequences of ``frame`` drawn at random (their last ``max_len``
     known items): [H]. An item's mean score over viewers is ``row . mean_state + bias``."""
-    pick = frame.select(ITEMS).sample(min(n, frame.height), seed=seed) if frame.height else frame
-    seqs = [s[s >= 0] for s in (vocab.index_of(pl.Series(x[-max_len:])) for x in pick[ITEMS].to_list())]
-    seqs = [s for s in seqs if len(s)]
     device = next(model.parameters()).device
-    if not seqs:
+    pick = frame.select(ITEMS).sample(min(n, frame.height), seed=seed) if frame.height else frame
+    tails = pick[ITEMS].list.tail(max_len)
+    flat = vocab.index_of(tails.explode().drop_nulls())  # [P] every sequence's items, in order
+    row_of = np.repeat(np.arange(tails.len()), tails.list.len().fill_null(0).to_numpy())  # [P]
+    known = flat >= 0
+    flat, row_of = flat[known], row_of[known]
+    lengths = np.bincount(row_of, minlength=tails.len())  # [S] known items per sequence
+    rows = np.flatnonzero(lengths)
+    if not len(rows):
         return torch.zeros(model.item_out.shape[1], device=device)
-    lengths = torch.tensor([len(s) for s in seqs])  # [B]
-    items = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)  # [B, L] right-padded
-    for row, s in enumerate(seqs):
-        items[row, :len(s)] = torch.from_numpy(s.astype(np.int64))
+    # [B, L] right-padded: sequence r's items at positions 0..len-1 (row_of is grouped by sequence)
+    position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    items = torch.zeros(tails.len(), int(lengths.max()), dtype=torch.long)
+    items[torch.from_numpy(row_of), torch.from_numpy(position)] = torch.from_numpy(flat.astype(np.int64))
+    items, lengths_t = items[torch.from_numpy(rows)], torch.from_numpy(lengths[rows])  # [B, L], [B]
     with torch.inference_mode():
-        states = torch.cat([model.final_states(items[lo:lo + 512].to(device), lengths[lo:lo + 512])
-                            for lo in range(0, len(seqs), 512)])  # [B, H]
+        states = torch.cat([model.final_states(items[lo:lo + 1024].to(device), lengths_t[lo:lo + 1024])
+                            for lo in range(0, len(rows), 1024)])  # [B, H]
     return states.float().mean(dim=0)  # [H]
 
 

@@ -143,3 +143,22 @@ def test_known_titles_all_played_alike_draw_a_flat_rate_line():
     out, slopes = rate_line_bias(state, vocab, rates, mature, ~mature, catalogue, centre)
     assert slopes == {"film": 0.0}
     assert out["item_bias"][-1].item() == pytest.approx(2.5)
+
+
+def test_the_mean_viewer_state_is_the_mean_final_state_of_the_known_items_of_each_sequence():
+    """Unknown items are skipped, only the last ``max_len`` items count, a sequence with nothing known
+    is left out: the vectorised batch equals running each sequence through the model by itself."""
+    from recsys.config import load_config
+    from recsys.model.gru4rec import GRU4Rec
+    from recsys.training.update import mean_state
+
+    vocab = Vocab(pl.DataFrame({ITEM_ID: [10, 11, 12, 13], IDX: np.arange(4, dtype=np.int32),
+                                COUNT: [1] * 4}))
+    frame = pl.DataFrame({ITEMS: [[10, 99, 11], [12], [99, 98], [13, 12, 11, 10, 12]]})
+    torch.manual_seed(0)
+    model = GRU4Rec(4, load_config(None, ["model.hidden_size=6"]).model).eval()
+    got = mean_state(model, frame, vocab, n=4, seed=0, max_len=3)  # [H]
+    with torch.no_grad():
+        each = [model.final_states(torch.tensor([s]), torch.tensor([len(s)]))[0]
+                for s in ([0, 1], [2], [1, 0, 2])]  # known items of the last 3 of each sequence
+    assert torch.allclose(got, torch.stack(each).mean(dim=0), atol=1e-6)
