@@ -52,6 +52,12 @@ ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "Sci-Fi", "Thriller", "War", "Western")
 
 
+def episode_order(columns: list[str] | set[str] | tuple[str, ...]) -> list[str]:
+    """The columns that put a catalogue's episodes in watch order: series, season (when the catalogue
+    has it), episode."""
+    return [SERIES_ID, *([SEASON] if SEASON in columns else []), EPISODE]
+
+
 @dataclass
 class CatalogueReport:
     source: str

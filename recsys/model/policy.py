@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from recsys.data.catalogue import episode_order
 from recsys.data.vocab import Vocab
 from recsys.schemas import ITEM_ID, STATS_FILE
 
@@ -271,8 +272,7 @@ def series_arrays(catalogue: Path, vocab: Vocab) -> tuple[np.ndarray, np.ndarray
     cat = pl.read_parquet(catalogue, columns=wanted).filter(pl.col("series_id").is_not_null())
     idx = vocab.index_of(cat[ITEM_ID])
     cat = cat.with_columns(pl.Series("_idx", idx)).filter(pl.col("_idx") >= 0)
-    order = ["series_id", *(["season"] if "season" in wanted else []), "episode"]
-    cat = cat.sort(order, nulls_last=True)
+    cat = cat.sort(episode_order(wanted), nulls_last=True)
     n = len(vocab)
     series, next_item = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
     if not cat.height:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from recsys.data.catalogue import episode_order
 from recsys.schemas import ITEM_ID
 
 KINDS = ("next-episode", "other-episode", "series-start", "film", "unknown")
@@ -27,9 +28,8 @@ KINDS = ("next-episode", "other-episode", "series-start", "film", "unknown")
 
 def next_episodes(catalogue: pl.DataFrame) -> pl.DataFrame:
     """``(item_id, series_id, next_id)`` of every episode; ``next_id`` null after a series' last one."""
-    order = ["series_id", *(["season"] if "season" in catalogue.columns else []), "episode"]
     return (catalogue.filter(pl.col("series_id").is_not_null())
-            .sort(order, nulls_last=True)
+            .sort(episode_order(catalogue.columns), nulls_last=True)
             .select(ITEM_ID, "series_id",
                     pl.col(ITEM_ID).shift(-1).over("series_id").alias("next_id")))
 

@@ -39,6 +39,7 @@ import polars as pl
 import torch
 
 from recsys.config import Config
+from recsys.data.catalogue import episode_order
 from recsys.data.sequences import SequenceSet
 from recsys.data.vocab import Vocab
 from recsys.device import resolve_device
@@ -185,6 +186,13 @@ def _catalogue_keyed(catalogue: pl.DataFrame, dtype: pl.DataType, *columns: str 
     return keyed.select(ITEM_ID, *columns) if columns else keyed
 
 
+def _per_vocab_item(vocab: Vocab, catalogue: pl.DataFrame, *columns: str) -> pl.DataFrame:
+    """``columns`` of the catalogue row of every vocabulary item, row for row with the vocabulary
+    (``item_id`` first; nulls for items the catalogue does not list)."""
+    cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, *columns).unique(ITEM_ID, keep="first")
+    return vocab.frame.select(ITEM_ID).join(cat, on=ITEM_ID, how="left", maintain_order="left")
+
+
 RATE_LINE_MIN_TITLES = 5  # known titles of a kind needed to draw its rate line
 RATE_LINE_VIEWERS = 2048  # sequences whose mean final state stands for "a viewer" in rate_line_bias
 MIN_GROUP = 5  # recent releases a genre needs for its own median; fewer: the kind's median
@@ -328,8 +336,7 @@ def refresh_young_rows(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.n
     frame = vocab.frame.select(ITEM_ID, IDX)
     keys = ["_all"]
     if catalogue is not None and {"genre", "kind"} <= set(catalogue.columns):
-        cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, "genre", "kind")
-        frame = frame.join(cat, on=ITEM_ID, how="left", maintain_order="left")
+        frame = frame.hstack(_per_vocab_item(vocab, catalogue, "genre", "kind").drop(ITEM_ID))
         keys = ["genre", "kind"]
     frame = frame.with_columns(_all=pl.lit(0))
     todo = np.flatnonzero(young)
@@ -346,23 +353,20 @@ def refresh_young_rows(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.n
 
 def mean_state(model: GRU4Rec, frame: pl.DataFrame, vocab: Vocab, n: int, seed: int,
                max_len: int = 50) -> torch.Tensor:
-    """The mean final state of ``n`` sequences of ``frame`` drawn at random (their last ``max_len``
-    known items): [H]. An item's mean score over viewers is ``row . mean_state + bias``."""
+    """The mean final state of ``n`` sequences of ``frame`` drawn at random (the known items among their
+    last ``max_len``): [H]. An item's mean score over viewers is ``row . mean_state + bias``."""
     device = next(model.parameters()).device
-    pick = frame.select(ITEMS).sample(min(n, frame.height), seed=seed) if frame.height else frame
-    tails = pick[ITEMS].list.tail(max_len)
-    flat = vocab.index_of(tails.explode().drop_nulls())  # [P] every sequence's items, in order
-    row_of = np.repeat(np.arange(tails.len()), tails.list.len().fill_null(0).to_numpy())  # [P]
-    known = flat >= 0
-    flat, row_of = flat[known], row_of[known]
-    lengths = np.bincount(row_of, minlength=tails.len())  # [S] known items per sequence
+    pick = frame.select(USER_ID, ITEMS).sample(min(n, frame.height), seed=seed) if frame.height else frame
+    seqs = to_sequence_set(pick.with_columns(pl.col(ITEMS).list.tail(max_len)), vocab)  # known items only
+    lengths = seqs.lengths  # [S]
     rows = np.flatnonzero(lengths)
     if not len(rows):
         return torch.zeros(model.item_out.shape[1], device=device)
     # [B, L] right-padded: sequence r's items at positions 0..len-1 (row_of is grouped by sequence)
-    position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    items = torch.zeros(tails.len(), int(lengths.max()), dtype=torch.long)
-    items[torch.from_numpy(row_of), torch.from_numpy(position)] = torch.from_numpy(flat.astype(np.int64))
+    row_of = np.repeat(np.arange(len(lengths)), lengths)  # [P]
+    position = np.arange(len(seqs.items)) - np.repeat(seqs.offsets[:-1], lengths)  # [P]
+    items = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
+    items[torch.from_numpy(row_of), torch.from_numpy(position)] = torch.from_numpy(seqs.items)
     items, lengths_t = items[torch.from_numpy(rows)], torch.from_numpy(lengths[rows])  # [B, L], [B]
     with torch.inference_mode():
         states = torch.cat([model.final_states(items[lo:lo + 1024].to(device), lengths_t[lo:lo + 1024])
@@ -386,8 +390,7 @@ def rate_line_bias(state: dict[str, torch.Tensor], vocab: Vocab, rates: np.ndarr
     mean_score = state["item_out"].detach().float().cpu() @ centre.float().cpu() + bias  # [n]
     kinds = np.zeros(len(vocab), dtype=np.int64)
     if catalogue is not None and "kind" in catalogue.columns:
-        cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, "kind").unique(ITEM_ID, keep="first")
-        kind = vocab.frame.select(ITEM_ID).join(cat, on=ITEM_ID, how="left", maintain_order="left")["kind"]
+        kind = _per_vocab_item(vocab, catalogue, "kind")["kind"]
         kinds = kind.fill_null("").rank("dense").cast(pl.Int64).to_numpy()
         kind_names = dict(zip(kinds.tolist(), kind.fill_null("").to_list(), strict=True))
     else:
@@ -512,7 +515,7 @@ def series_siblings(catalogue: pl.DataFrame | None, known: pl.Series, until: dat
     episodes = cat.filter(pl.col("series_id").is_in(series.implode()))
     if "release_date" in cat.columns:
         episodes = episodes.filter(pl.col("release_date").is_null() | (pl.col("release_date") <= until))
-    return episodes.sort("series_id", *(["season"] if "season" in cat.columns else []), "episode")[ITEM_ID]
+    return episodes.sort(episode_order(cat.columns))[ITEM_ID]
 
 
 # --- the update ---------------------------------------------------------------------------------------
@@ -523,9 +526,7 @@ def _young_items(vocab: Vocab, mature: np.ndarray, catalogue: pl.DataFrame | Non
     (those share their series' bias): [n_items] bool."""
     young = ~mature
     if catalogue is not None and "series_id" in catalogue.columns:
-        cat = _catalogue_keyed(catalogue, vocab.item_ids.dtype, "series_id")
-        series = vocab.frame.select(ITEM_ID).join(cat, on=ITEM_ID, how="left",
-                                                  maintain_order="left")["series_id"]
+        series = _per_vocab_item(vocab, catalogue, "series_id")["series_id"]
         old_series = series.filter(pl.Series(mature)).drop_nulls().unique()
         young &= ~series.is_in(old_series.implode()).fill_null(False).to_numpy()
     return young

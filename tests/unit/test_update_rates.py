@@ -154,7 +154,7 @@ def test_the_mean_viewer_state_is_the_mean_final_state_of_the_known_items_of_eac
 
     vocab = Vocab(pl.DataFrame({ITEM_ID: [10, 11, 12, 13], IDX: np.arange(4, dtype=np.int32),
                                 COUNT: [1] * 4}))
-    frame = pl.DataFrame({ITEMS: [[10, 99, 11], [12], [99, 98], [13, 12, 11, 10, 12]]})
+    frame = pl.DataFrame({USER_ID: [1, 2, 3, 4], ITEMS: [[10, 99, 11], [12], [99, 98], [13, 12, 11, 10, 12]]})
     torch.manual_seed(0)
     model = GRU4Rec(4, load_config(None, ["model.hidden_size=6"]).model).eval()
     got = mean_state(model, frame, vocab, n=4, seed=0, max_len=3)  # [H]
